@@ -1,0 +1,3 @@
+"""cfgx: classifier-free guidance experiment runner."""
+
+__version__ = "0.1.0"

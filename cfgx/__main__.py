@@ -1,0 +1,5 @@
+import sys
+
+from cfgx.cli import main
+
+sys.exit(main())

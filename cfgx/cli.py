@@ -1,0 +1,257 @@
+"""The ``cfgx`` command line: subcommands on top of Hydra-composed configs.
+
+``cfgx train`` runs through ``hydra.main`` so multirun (``-m``), launchers and
+``--cfg job`` work as Hydra users expect; cfgx only rewrites its shorthand
+(``guidance=0,1,3,7``, ``cond_drop=0.1``) first and checks group choices, so a
+typo fails as one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cfgx.config import (GROUPS, TRAINING_KEYS, check_group_choices, compose, config_dir, config_hash,
+                         group_options, normalize_overrides, to_container, validate)
+from cfgx.errors import CfgxError
+
+SUBCOMMANDS = {
+    "train": "train a joint conditional/unconditional model, then sweep guidance scales",
+    "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH]",
+}
+EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess")
+
+
+def usage() -> str:
+    lines = ["usage: cfgx <command> [key=value ...]   (python -m cfgx works the same)", "", "commands:"]
+    lines += [f"  {k:<18} {v}" for k, v in SUBCOMMANDS.items()]
+    lines += ["", "config groups (pick with group=option; override any key with key=value):"]
+    for g in GROUPS:
+        opts = group_options(g)
+        if opts:
+            lines.append(f"  {g:<12} {', '.join(opts)}")
+    lines += ["", "shorthand: guidance=0,1,3,7 sets guidance.scales; cond_drop=0.2 sets cond_drop.p;",
+              "           cfgx train -m cond_drop=0,0.1,0.2 trains one run per rate (Hydra multirun)",
+              f"configs: {config_dir()}"]
+    return "\n".join(lines)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+# ---------------------------------------------------------------- train
+
+def _expand_for_validation(overrides: list[str], limit: int = 32) -> list[list[str]]:
+    """Each combination of a multirun's comma lists (capped), so every job is validated up front."""
+    choices = []
+    for a in overrides:
+        key, eq, value = a.partition("=")
+        if eq and "," in value and not value.strip().startswith("["):
+            choices.append([f"{key}={v.strip()}" for v in value.split(",")])
+        else:
+            choices.append([a])
+    return [list(c) for c in itertools.islice(itertools.product(*choices), limit)]
+
+
+def _hydra_overrides(args: list[str]) -> list[str]:
+    return [a for a in args if "=" in a and not a.startswith("-")]
+
+
+def cmd_train(args: list[str]) -> int:
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    args = normalize_overrides(args, multirun=multirun)
+    overrides = _hydra_overrides(args)
+    check_group_choices(overrides)
+    if not any(a.startswith("--") and a not in ("--multirun",) for a in args):
+        for combo in _expand_for_validation(overrides) if multirun else [overrides]:
+            validate(compose([o for o in combo if not o.startswith("hydra")]))
+
+    import hydra
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def _task(cfg: DictConfig) -> None:
+        try:
+            train_task(cfg)
+        except CfgxError as e:
+            _fail(e)
+
+    old = sys.argv
+    sys.argv = ["cfgx train", *args]
+    try:
+        _task()
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _job_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:
+        return []
+
+
+def _job_tag() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return f"job{hc.job.num}"
+    except Exception:
+        pass
+    return ""
+
+
+def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None, console=None) -> Path:
+    """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir."""
+    from cfgx.data import build_dataset
+    from cfgx.runs import (atomic_write_json, atomic_write_text, find_resumable, new_run_dir, pick_device,
+                           provenance, read_meta, resolve_run)
+    from cfgx.sweep import run_sweep
+    from cfgx.train import train
+
+    validate(cfg)
+    console = console or _console()
+    device = pick_device(str(cfg.device))
+    data = build_dataset(cfg.dataset)
+    if cfg.backbone.name != "exact":
+        from cfgx.backbones import build_backbone, check_label_dependence
+        from cfgx.diffusion.schedule import NoiseSchedule
+
+        check_label_dependence(build_backbone(cfg.backbone, data, NoiseSchedule.from_config(cfg.diffusion)),
+                               data.shape, device)
+    h = config_hash(cfg)
+    runs_root = Path(str(cfg.paths.runs))
+    overrides = overrides if overrides is not None else _job_overrides()
+
+    run_dir = None
+    if cfg.run:
+        run_dir = resolve_run(str(cfg.run), runs_root)
+        if read_meta(run_dir).get("config_hash") != h:
+            raise CfgxError(f"run={cfg.run} was trained with a different config; drop run= to start a new "
+                            "run, or repeat that run's options (see its overrides.yaml)")
+    elif cfg.train.resume:
+        run_dir = find_resumable(runs_root, data.name, h)
+    if run_dir is None:
+        run_dir = new_run_dir(runs_root, data.name, _job_tag())
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+        meta = {"config_hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": int(cfg.seed),
+                "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": False,
+                **provenance(device)}
+        atomic_write_json(run_dir / "meta.json", meta)
+        console.print(f"run dir: {run_dir}")
+    result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
+    meta = read_meta(run_dir)
+    meta.update({"train_finished": True, "checkpoint_step": result.step,
+                 "train_img_per_s": round(result.img_per_s, 1),
+                 "train_seconds_last_call": round(result.seconds, 2)})
+    atomic_write_json(run_dir / "meta.json", meta)
+    run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
+    return run_dir
+
+
+# ---------------------------------------------------------------- sweep
+
+def _touches(overrides: list[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0].split(".")[0] == key for o in overrides)
+
+
+def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
+    """The run's saved config with the user's evaluation overrides on top, and the run dir."""
+    from cfgx.runs import load_run_config, resolve_run
+
+    overrides = normalize_overrides(args)
+    run_arg = None
+    rest = []
+    for o in overrides:
+        if o.startswith("run="):
+            run_arg = o.split("=", 1)[1] or None
+        else:
+            rest.append(o)
+    for o in rest:
+        key = o.lstrip("+~").split("=", 1)[0].split(".")[0]
+        if key in TRAINING_KEYS:
+            raise CfgxError(f"'{o}' changes training, but sweep evaluates an existing run; train a new run "
+                            f"with 'cfgx train {o}' instead")
+    fresh = compose(rest)
+    run_dir = resolve_run(run_arg, Path(str(fresh.paths.runs)))
+    saved = OmegaConf.create(load_run_config(run_dir))
+    for key in EVAL_KEYS:
+        if _touches(rest, key) or key not in saved:
+            saved[key] = fresh[key]
+    saved.run = str(run_dir)
+    validate(saved)
+    return saved, run_dir
+
+
+def cmd_sweep(args: list[str]) -> int:
+    from cfgx.data import build_dataset
+    from cfgx.diffusion.schedule import NoiseSchedule
+    from cfgx.runs import pick_device
+    from cfgx.sweep import run_sweep
+    from cfgx.train import load_ema_model
+
+    cfg, run_dir = sweep_config(args)
+    console = _console()
+    device = pick_device(str(cfg.device))
+    data = build_dataset(cfg.dataset)
+    model, step = load_ema_model(run_dir, cfg, data, NoiseSchedule.from_config(cfg.diffusion), device)
+    console.print(f"sweeping {run_dir} (checkpoint step {step}) at s = "
+                  f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
+    run_sweep(cfg, run_dir, data, model, step, device, console)
+    return 0
+
+
+# ---------------------------------------------------------------- entry
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep}
+
+
+def _fail(e: CfgxError) -> None:
+    print(f"cfgx: error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import cfgx
+
+        print(f"cfgx {cfgx.__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"cfgx: error: unknown command {cmd!r}; valid: {', '.join(COMMANDS)} (see cfgx --help)",
+              file=sys.stderr)
+        return 2
+    if cmd != "train" and any(a in ("-h", "--help") for a in rest):
+        print(usage())
+        return 0
+    try:
+        return COMMANDS[cmd](rest) or 0
+    except CfgxError as e:
+        print(f"cfgx: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cfgx: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

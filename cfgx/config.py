@@ -1,0 +1,190 @@
+"""Composing, normalising and validating configs.
+
+The configs themselves live in ``configs/`` (Hydra groups). This module is the
+single place that knows how CLI words map onto them and which values are legal,
+so a typo or an out-of-range value fails before any work starts, as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cfgx.errors import CfgxError
+
+GROUPS = ("dataset", "backbone", "cond_drop", "guidance", "sampler", "train", "eval", "postprocess")
+# Parts of a run's config that define the trained model; a sweep may not change them.
+TRAINING_KEYS = ("dataset", "backbone", "cond_drop", "diffusion", "train", "seed")
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|nan)"
+
+
+def config_dir() -> Path:
+    """configs/ at the repo root (checkout, editable install) or cfgx/configs in a wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "configs", here / "configs"):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise CfgxError(f"cfgx's configs/ folder is missing (looked beside {here}); reinstall cfgx")
+
+
+def group_options(group: str) -> list[str]:
+    d = config_dir() / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _split_values(value: str) -> list[str]:
+    v = value.strip()
+    if v.startswith("[") and v.endswith("]"):
+        v = v[1:-1]
+    return [p.strip() for p in v.split(",") if p.strip() != ""]
+
+
+def parse_scales(value: str) -> list[float]:
+    """'0,1,3,7' or '[0,1,3,7]' -> [0.0, 1.0, 3.0, 7.0]; rejects non-numeric and non-finite."""
+    parts = _split_values(value)
+    if not parts:
+        raise CfgxError("guidance scales are empty; give numbers, e.g. guidance=0,1,3,7")
+    out = []
+    for p in parts:
+        try:
+            s = float(p)
+        except ValueError:
+            raise CfgxError(f"guidance scale {p!r} is not a number; give numbers, e.g. "
+                            "guidance=0,1,3,7") from None
+        if not math.isfinite(s):
+            raise CfgxError(f"guidance scale {p!r} is not finite; give finite numbers, e.g. "
+                            "guidance=0,1,3,7") from None
+        out.append(s)
+    return out
+
+
+def _is_number_list(value: str) -> bool:
+    parts = _split_values(value)
+    return bool(parts) and all(re.fullmatch(_NUMBER, p, flags=re.I) for p in parts)
+
+
+def normalize_overrides(args: list[str], multirun: bool = False) -> list[str]:
+    """Map cfgx's shorthand onto Hydra overrides.
+
+    - ``guidance=0,1,3,7`` (numbers) -> ``guidance.scales=[0,1,3,7]``: a list of
+      scales, never a Hydra multirun. ``guidance=<name>`` still picks a preset.
+    - ``cond_drop=0.1`` -> ``cond_drop.p=0.1`` (and ``-m cond_drop=0,0.1,0.2``
+      stays a multirun sweep over ``cond_drop.p``).
+    """
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq:
+            out.append(a)
+            continue
+        if key == "guidance" and (_is_number_list(value) or "," in value or value.startswith("[")):
+            scales = parse_scales(value)
+            out.append("guidance.scales=[" + ",".join(repr(s) for s in scales) + "]")
+        elif key == "cond_drop" and _is_number_list(value):
+            out.append(f"cond_drop.p={value}")
+        elif key in ("guidance.scales",):
+            out.append("guidance.scales=[" + ",".join(repr(s) for s in parse_scales(value)) + "]")
+        else:
+            out.append(a)
+    return out
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Unknown group options fail as one line listing the valid ones."""
+    for a in overrides:
+        key, eq, value = a.partition("=")
+        key = key.lstrip("+~")
+        if not eq or key not in GROUPS:
+            continue
+        valid = group_options(key)
+        for v in _split_values(value) if "," in value else [value]:
+            if v not in valid:
+                raise CfgxError(f"unknown {key} {v!r}; valid: {', '.join(valid)} "
+                                f"(add configs/{key}/{v}.yaml for a new one)")
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose configs/config.yaml with Hydra overrides, as the CLI would (no multirun)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = normalize_overrides(list(overrides or []))
+    check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        try:
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+        except Exception as e:  # Hydra's own override/struct errors, flattened to one line
+            raise CfgxError(one_line_hydra_error(e)) from None
+    return cfg
+
+
+def one_line_hydra_error(e: Exception) -> str:
+    msg = " ".join(str(e).split())
+    if not msg and e.__cause__ is not None:
+        msg = " ".join(str(e.__cause__).split())
+    m = re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        return (f"unknown config key {m.group(1)!r} ({msg.split('.')[0]}); check the spelling "
+                "with 'cfgx train --cfg job' or add it with +key=value")
+    return f"bad override: {msg}"
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise CfgxError(msg)
+
+
+def _num(cfg: DictConfig, key: str) -> float:
+    v = OmegaConf.select(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CfgxError(f"{key}={v!r} is not a number; set {key}=<number>")
+    return v
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range/type checks that Hydra's struct mode does not do. Raises CfgxError."""
+    p = _num(cfg, "cond_drop.p")
+    _require(0 <= p < 1, f"cond_drop={p} is outside [0, 1); use e.g. cond_drop=0.1 "
+                         "(Ho & Salimans: 0.1-0.2 work well)")
+    for key in ("train.steps", "train.batch_size"):
+        v = _num(cfg, key)
+        _require(v == int(v) and v > 0, f"{key}={v} must be a positive integer; e.g. {key}=1000")
+    _require(_num(cfg, "train.lr") > 0, f"train.lr={cfg.train.lr} must be > 0")
+    _require(0 <= _num(cfg, "train.ema_decay") < 1, "train.ema_decay must be in [0, 1); e.g. 0.999")
+    for key in ("eval.num_samples", "eval.batch_size", "sampler.steps"):
+        v = _num(cfg, key)
+        _require(v == int(v) and v > 0, f"{key}={v} must be a positive integer")
+    _require(int(cfg.sampler.steps) <= int(cfg.diffusion.num_steps),
+             f"sampler.steps={cfg.sampler.steps} exceeds diffusion.num_steps={cfg.diffusion.num_steps}")
+    _require(0 <= _num(cfg, "sampler.eta") <= 1, "sampler.eta must be in [0, 1]")
+    scales = cfg.guidance.scales
+    _require(scales is not None and len(scales) > 0, "guidance.scales is empty; e.g. guidance=0,1,3,7")
+    for s in scales:
+        _require(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(float(s)),
+                 f"guidance scale {s!r} is not a finite number; e.g. guidance=0,1,3,7")
+    _require(cfg.guidance.method in ("cfg", "classifier"),
+             f"guidance.method={cfg.guidance.method!r}; valid: cfg, classifier")
+    _require(cfg.diffusion.schedule in ("linear", "cosine"),
+             f"diffusion.schedule={cfg.diffusion.schedule!r}; valid: linear, cosine")
+    _require(cfg.sampler.name in ("ddim", "ddpm"), f"sampler.name={cfg.sampler.name!r}; valid: ddim, ddpm")
+    _require(cfg.train.precision in ("auto", "fp32", "bf16"),
+             f"train.precision={cfg.train.precision!r}; valid: auto, fp32, bf16")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] = TRAINING_KEYS) -> str:
+    """Short stable hash of the parts of a config that define a trained model."""
+    d = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    sub = {k: d.get(k) for k in keys}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,42 @@
+"""Dataset registry: to add a dataset, write a loader returning a DatasetBundle and list it here.
+
+The config group ``configs/dataset/`` has one YAML per entry (its ``name`` picks
+the loader).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cfgx.data.base import DatasetBundle, stack_dataset
+from cfgx.data.images import load_digits, load_imagefolder, load_torchvision, to_uint8
+from cfgx.errors import CfgxError
+
+
+def _load_gmm(cfg) -> DatasetBundle:
+    from cfgx.data.gmm import build_gmm_bundle
+
+    return build_gmm_bundle(cfg.name, cfg)
+
+
+LOADERS: dict[str, Callable[..., DatasetBundle]] = {
+    "digits": load_digits,
+    "mnist": load_torchvision,
+    "fashion_mnist": load_torchvision,
+    "cifar10": load_torchvision,
+    "cifar100": load_torchvision,
+    "svhn": load_torchvision,
+    "imagefolder": load_imagefolder,
+    "gmm1d": _load_gmm,
+    "gmm2d": _load_gmm,
+}
+
+
+def build_dataset(cfg) -> DatasetBundle:
+    """Load the dataset named by ``cfg.name`` (a ``dataset`` config group entry)."""
+    if cfg.name not in LOADERS:
+        raise CfgxError(f"unknown dataset {cfg.name!r}; valid: {', '.join(sorted(LOADERS))}")
+    return LOADERS[cfg.name](cfg)
+
+
+__all__ = ["DatasetBundle", "build_dataset", "stack_dataset", "to_uint8", "LOADERS"]

@@ -1,0 +1,1 @@
+"""Diffusion process: noise schedules, the training loss, guidance and samplers."""

@@ -1,0 +1,82 @@
+"""On-disk cache for feature tensors and statistics (e.g. real-data Inception stats).
+
+Entries are keyed by a hash of everything the features depend on (dataset,
+split, resolution, extractor, weights hash, pipeline version, ...), so changing
+any of them misses the cache instead of silently reusing stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfgx.errors import CfgxError
+
+
+def default_cache_root() -> Path:
+    """``$CFGX_CACHE`` if set, else ``~/.cache/cfgx``."""
+    env = os.environ.get("CFGX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cfgx"
+
+
+class FeatureCache:
+    """A directory of ``<key>.pt`` files, each a dict of tensors, written atomically."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_cache_root()
+
+    @staticmethod
+    def key(**parts: Any) -> str:
+        """A stable 24-hex-char key for ``parts`` (order-independent; values via ``str`` if not JSON)."""
+        blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The stored tensors, or None on a miss. An unreadable entry counts as a miss."""
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            # weights_only: a cache directory is not trusted enough to unpickle code from.
+            data = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any corruption means "recompute"
+            warnings.warn(f"ignoring unreadable feature cache entry {p}: {exc}", stacklevel=2)
+            return None
+        if not isinstance(data, dict):
+            return None
+        return data
+
+    def save(self, key: str, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """Store ``tensors`` under ``key``; a crash mid-write never leaves a partial entry."""
+        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CfgxError(f"feature cache stores tensors only, got non-tensor values for {bad}: convert them")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CfgxError(
+                f"cannot create feature cache directory {self.root} ({exc.strerror}): set CFGX_CACHE to a "
+                "writable directory"
+            ) from exc
+        payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            # Same-directory rename is atomic: readers see the old entry or the whole new one.
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.path(key)

@@ -1,0 +1,81 @@
+"""Turning sweep rows into tables: metrics.csv / .json / .md and the console table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from cfgx.runs import atomic_write_json, atomic_write_text
+
+# Key columns for the console (fits 80 columns); the files hold every column.
+CONSOLE_COLUMNS = [("s", "s"), ("w_ho", "w"), ("accuracy", "acc"), ("fd_classifier", "FD(clf)"),
+                   ("fid", "FID"), ("is_mean", "IS"), ("precision", "prec"), ("recall", "rec"),
+                   ("diversity_within_class", "div"), ("margin", "margin"), ("samples_per_s", "smp/s")]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.4g}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    return cols
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (str(r.get("run", "")), str(r.get("method", "")),
+                                       str(r.get("postprocess", "")), str(r.get("sampler", "")),
+                                       int(r.get("steps", 0)), float(r["s"])))
+
+
+def write_tables(rows: list[dict], out_dir: Path, stem: str = "metrics") -> None:
+    rows = sort_rows(rows)
+    cols = columns_of(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    atomic_write_text(Path(out_dir) / f"{stem}.csv", buf.getvalue())
+    atomic_write_json(Path(out_dir) / f"{stem}.json", rows)
+    atomic_write_text(Path(out_dir) / f"{stem}.md", markdown_table(rows, cols))
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "/") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def console_table(rows: list[dict], title: str = ""):
+    from rich.table import Table
+
+    rows = sort_rows(rows)
+    present = [(k, h) for k, h in CONSOLE_COLUMNS if any(r.get(k) is not None for r in rows)]
+    extra = [k for k in ("method", "postprocess") if len({r.get(k) for r in rows}) > 1]
+    table = Table(title=title or None, title_justify="left", pad_edge=False, padding=(0, 1))
+    for k in extra:
+        table.add_column(k)
+    for _, h in present:
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(k)) for k in extra], *[_fmt(r.get(k)) for k, _ in present])
+    return table

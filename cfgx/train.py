@@ -1,0 +1,198 @@
+"""The training loop: read it top to bottom.
+
+One network learns eps(x_t, t, c) and eps(x_t, t, null) together (condition
+dropout). AdamW with linear warm-up, gradient clipping, an EMA of the weights
+(evaluation always uses the EMA), bf16 autocast on CUDA, a JSONL log and atomic
+checkpoints that hold everything needed to continue bit-exactly: model, EMA,
+optimizer, step and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cfgx.backbones import build_backbone, count_parameters
+from cfgx.data import DatasetBundle, stack_dataset
+from cfgx.diffusion.loss import EpsLoss
+from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
+from cfgx.runs import CKPT_NAME, atomic_torch_save
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module       # the EMA weights, in eval mode
+    step: int
+    img_per_s: float
+    seconds: float
+
+
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Tensor:
+    """Epoch-wise shuffling that is a pure function of (seed, step), so resume needs no loader state."""
+    per_epoch = max(n // batch, 1)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    if n < batch:  # tiny datasets: sample with replacement within the epoch
+        perm = perm.repeat((batch + n - 1) // n)
+    return perm[pos * batch:(pos + 1) * batch].to(device)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CfgxError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to "
+                        "restart training from the previous one, or from scratch") from None
+
+
+def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule: NoiseSchedule,
+                   device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The EMA weights of a run's last checkpoint, ready for sampling; and its step."""
+    model = build_backbone(cfg.backbone, data, schedule)
+    if cfg.backbone.name == "exact":
+        return model.to(device).eval(), 0
+    path = Path(run_dir) / "checkpoints" / CKPT_NAME
+    if not path.is_file():
+        raise CfgxError(f"no checkpoint in {run_dir}/checkpoints/; finish training first by re-running "
+                        "'cfgx train' with the same options")
+    ckpt = load_checkpoint(path)
+    try:
+        ema = make_ema(model, 0.0)
+        ema.load_state_dict(ckpt["ema"])
+    except (KeyError, RuntimeError) as e:
+        raise CfgxError(f"checkpoint {path} does not match the run's backbone config ({type(e).__name__}); "
+                        "the run dir was edited or the checkpoint corrupted") from None
+    return ema.module.to(device).eval(), int(ckpt["step"])
+
+
+def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.device,
+          on_step: Callable[[int], None] | None = None, console=None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir`` to ``train.steps``; returns the EMA model.
+
+    The caller runs ``check_label_dependence`` first (before creating the run dir).
+    """
+    tc = cfg.train
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    torch.manual_seed(cfg.seed)
+    model = build_backbone(cfg.backbone, data, schedule).to(device)
+    if cfg.backbone.name == "exact":  # analytic denoiser: nothing to train
+        return TrainResult(model.eval(), 0, 0.0, 0.0)
+
+    ema = make_ema(model, float(tc.ema_decay))
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), weight_decay=float(tc.weight_decay))
+    warmup = max(int(tc.warmup_steps), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    loss_fn = EpsLoss(schedule, float(cfg.cond_drop.p))
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    use_bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
+
+    x_all, y_all = stack_dataset(data.train)
+    x_all, y_all = x_all.to(device), y_all.to(device)
+    n, bs, steps = len(y_all), int(tc.batch_size), int(tc.steps)
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    step = 0
+    if (ckpt_dir / CKPT_NAME).is_file():
+        ckpt = load_checkpoint(ckpt_dir / CKPT_NAME, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["rng"]["gen"].cpu() if device.type == "cpu" else ckpt["rng"]["gen"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        step = int(ckpt["step"])
+        _say(console, f"resuming {run_dir} from step {step}/{steps}")
+
+    def save() -> None:
+        atomic_torch_save(ckpt_dir / CKPT_NAME, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "step": step,
+            "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        })
+
+    _say(console, f"training {count_parameters(model) / 1e6:.2f}M-parameter {cfg.backbone.name} on "
+                  f"{data.name} ({n} images) for {steps} steps, batch {bs}, cond_drop {cfg.cond_drop.p}, "
+                  f"device {device}{', bf16' if use_bf16 else ''}")
+    log = open(Path(run_dir) / "train_log.jsonl", "a")
+    model.train()
+    t_start = time.perf_counter()
+    t_last, loss_acc, n_acc, step0 = t_start, 0.0, 0, step
+    progress = _progress(console, steps, step)
+    try:
+        with progress:
+            task = progress.add_task("train", total=steps, completed=step, loss=float("nan"), ips=0.0)
+            while step < steps:
+                idx = _batch_indices(step, n, bs, int(cfg.seed), device)
+                x, y = x_all[idx], y_all[idx]
+                if cfg.dataset.get("hflip", False):
+                    flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = loss_fn(model, x, y, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
+                opt.step()
+                sched.step()
+                ema.update_parameters(model)
+                step += 1
+                loss_acc += loss.detach()
+                n_acc += 1
+                if step % int(tc.log_every) == 0 or step == steps:
+                    now = time.perf_counter()
+                    mean_loss = float(loss_acc) / n_acc
+                    ips = n_acc * bs / (now - t_last)
+                    if not torch.isfinite(torch.tensor(mean_loss)):
+                        raise CfgxError(f"training diverged at step {step} (loss {mean_loss}); lower "
+                                        "train.lr or raise train.warmup_steps")
+                    log.write(json.dumps({"step": step, "loss": round(mean_loss, 6),
+                                          "lr": sched.get_last_lr()[0], "img_per_s": round(ips, 1),
+                                          "elapsed_s": round(now - t_start, 2)}) + "\n")
+                    log.flush()
+                    progress.update(task, completed=step, loss=mean_loss, ips=ips)
+                    t_last, loss_acc, n_acc = now, 0.0, 0
+                if step % int(tc.ckpt_every) == 0 or step == steps:
+                    save()
+                if on_step is not None:
+                    on_step(step)
+    except KeyboardInterrupt:
+        save()
+        log.close()
+        raise CfgxError(f"interrupted at step {step}; checkpoint saved, re-run the same command to "
+                        "resume") from None
+    log.close()
+    seconds = time.perf_counter() - t_start
+    img_s = (step - step0) * bs / seconds if seconds > 0 else 0.0
+    _say(console, f"trained to step {step} in {seconds:.1f}s ({img_s:.0f} img/s)")
+    out = ema.module.eval()
+    return TrainResult(out, step, img_s, seconds)
+
+
+def _say(console, msg: str) -> None:
+    if console is not None:
+        console.print(msg)
+
+
+def _progress(console, total: int, done: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+                    TimeRemainingColumn(), console=console, transient=False,
+                    disable=console is None or not console.is_terminal)
