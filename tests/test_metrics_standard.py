@@ -165,7 +165,7 @@ def _is_plain(logits: np.ndarray, splits: int, perm: np.ndarray) -> tuple[float,
         p = np.exp(chunk - chunk.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         py = p.mean(0)
-        kls = [sum(pk * math.log(pk / qk) for pk, qk in zip(row, py) if pk > 0) for row in p]
+        kls = [sum(pk * math.log(pk / qk) for pk, qk in zip(row, py, strict=True) if pk > 0) for row in p]
         scores.append(math.exp(sum(kls) / len(kls)))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -219,8 +219,14 @@ def test_inception_score_unavailable_is_nan_not_one():
 
 def test_feature_cache_roundtrip_and_keys(tmp_path):
     cache = FeatureCache(tmp_path / "c")
-    parts = dict(dataset="cifar10", split="train", resolution=32, extractor="inception-v3-compat",
-                 weights_sha256="abc123def456", pipeline_version=1)
+    parts = dict(
+        dataset="cifar10",
+        split="train",
+        resolution=32,
+        extractor="inception-v3-compat",
+        weights_sha256="abc123def456",
+        pipeline_version=1,
+    )
     key = cache.key(**parts)
     assert key == cache.key(**dict(reversed(list(parts.items()))))  # order-independent
     assert key != cache.key(**{**parts, "weights_sha256": "000000000000"})

@@ -30,9 +30,9 @@ def time_embedding(t: torch.Tensor, num_steps: int, dim: int) -> torch.Tensor:
 class LinearNoisyClassifier(nn.Module):
     """Logits linear in x_t for each t: W(t) x_t + b(t), W and b linear in a time embedding.
 
-    The exact noisy posterior of two equal-std Gaussians is of exactly this form
-    (its slope shrinks with noise), so a time-modulated linear model can be exact
-    for gmm1d while a plain linear model on [x, t] cannot.
+    The exact noisy posterior of two equal-std Gaussians has this form (logit slope
+    2 mu sqrt(abar) / v(t), shrinking with noise), so the time-modulated weights can
+    track it closely for gmm1d; a plain linear model on [x, t] has one slope for all t.
     """
 
     def __init__(self, dim: int, num_classes: int, num_steps: int = 1000, emb_dim: int = 8) -> None:

@@ -14,9 +14,14 @@ from cfgx.errors import CfgxError
 
 
 def _load_gmm(cfg) -> DatasetBundle:
+    from omegaconf import OmegaConf
+
     from cfgx.data.gmm import build_gmm_bundle
 
-    return build_gmm_bundle(cfg.name, cfg)
+    # Keys every dataset entry carries; the mixture builder takes only its own.
+    opts = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+            if k not in ("name", "root", "download", "resolution", "hflip") and v is not None}
+    return build_gmm_bundle(cfg.name, opts)
 
 
 LOADERS: dict[str, Callable[..., DatasetBundle]] = {

@@ -238,7 +238,8 @@ def build_gmm_bundle(name: str, cfg: dict[str, Any] | None = None) -> DatasetBun
         mixture = _PRESETS[kind](**kwargs)
     except ValueError as e:
         raise CfgxError(f"invalid {kind} options: {e}; fix the dataset config") from e
-    n_train, n_test, seed = int(cfg.get("n_train", 20000)), int(cfg.get("n_test", 5000)), int(cfg.get("seed", 0))
+    n_train, n_test = int(cfg.get("n_train", 20000)), int(cfg.get("n_test", 5000))
+    seed = int(cfg.get("seed", 0))
     # Separate streams so changing n_train leaves the test set unchanged.
     x_tr, y_tr = mixture.sample(n_train, torch.Generator().manual_seed(seed))
     x_te, y_te = mixture.sample(n_test, torch.Generator().manual_seed(seed + 1_000_003))

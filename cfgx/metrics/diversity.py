@@ -27,7 +27,9 @@ def _prep(x: torch.Tensor, what: str, min_rows: int = 1) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     if x.dim() != 2:
-        raise CfgxError(f"{what} must be a [N, D] feature matrix, got shape {tuple(x.shape)}: flatten to [N, D]")
+        raise CfgxError(
+            f"{what} must be a [N, D] feature matrix, got shape {tuple(x.shape)}: flatten to [N, D]"
+        )
     if x.shape[0] < min_rows:
         raise CfgxError(f"{what} needs at least {min_rows} samples, got {x.shape[0]}: evaluate more samples")
     x = x.detach().to(torch.float64)
@@ -156,7 +158,8 @@ def vendi_score(feats: torch.Tensor) -> float:
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
         raise CfgxError(
-            "Vendi score got an all-zero feature vector (cosine similarity undefined): check the extractor output"
+            "Vendi score got an all-zero feature vector (cosine similarity undefined): "
+            "check the extractor output"
         )
     x = x / norms
     n, d = x.shape
@@ -182,7 +185,8 @@ def within_class_pairwise_distance(
     labels = torch.as_tensor(labels).to(x.device).flatten()
     if labels.shape[0] != x.shape[0]:
         raise CfgxError(
-            f"labels ({labels.shape[0]}) and features ({x.shape[0]}) differ in length: pass one label per sample"
+            f"labels ({labels.shape[0]}) and features ({x.shape[0]}) differ in length: "
+            "pass one label per sample"
         )
     per_class = []
     for c in torch.unique(labels):

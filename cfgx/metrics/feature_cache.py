@@ -61,7 +61,9 @@ class FeatureCache:
         """Store ``tensors`` under ``key``; a crash mid-write never leaves a partial entry."""
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
-            raise CfgxError(f"feature cache stores tensors only, got non-tensor values for {bad}: convert them")
+            raise CfgxError(
+                f"feature cache stores tensors only, got non-tensor values for {bad}: convert them"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -133,7 +133,7 @@ class InceptionV3FeatureNet(nn.Module):
             self.model = FeatureExtractorInceptionV3(
                 INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
             )
-        except (RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
+        except Exception as exc:  # unpickling/shape errors of all kinds: the file is not the checkpoint
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CfgxError(
                 f"Inception weights at {path} could not be loaded ({first}): replace the file with a fresh "
@@ -245,14 +245,16 @@ class FeatureExtractor:
         batch_size: int = 64,
     ) -> None:
         if batch_size < 1:
-            raise CfgxError(f"feature extraction batch_size must be >= 1, got {batch_size}: set a positive value")
+            raise CfgxError(
+                f"feature extraction batch_size must be >= 1, got {batch_size}: set a positive value"
+            )
         self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
-        self.net.requires_grad_(False)
+        # No requires_grad_(False): the module may be shared with a training loop;
+        # torch.no_grad() during extraction is enough.
+        self.net = net.to(self.device)
         self.name = name or type(net).__name__
         self.weights_hash = weights_hash
         self.batch_size = batch_size
-        self.logits_available = logits_available(net)
 
     @classmethod
     def inception(
@@ -280,7 +282,7 @@ class FeatureExtractor:
             "pipeline_version": FEATURE_PIPELINE_VERSION,
         }
 
-    def _run(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(self, batch: torch.Tensor, use_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.net(batch.to(self.device, non_blocking=True))
         pool, logits = out if isinstance(out, tuple) else (out, None)
         if pool.dim() != 2 or pool.shape[0] != batch.shape[0]:
@@ -289,7 +291,7 @@ class FeatureExtractor:
                 f"{batch.shape[0]} images: it must return [N, D]"
             )
         pool = pool.detach().to("cpu", torch.float64)
-        if logits is not None and self.logits_available:
+        if logits is not None and use_logits:
             logits = logits.detach().to("cpu", torch.float64)
         else:
             logits = None
@@ -298,20 +300,30 @@ class FeatureExtractor:
     def extract(self, images: torch.Tensor | Iterable[torch.Tensor]) -> Features:
         """Features of uint8 images ``[N, C, H, W]`` (C in {1, 3}) or of an iterable of such batches.
 
-        The net is put in eval mode on every call, because a caller (or a
-        training loop sharing the module) may have flipped it to train mode,
-        which would change batch-norm and dropout behaviour silently.
+        The net runs in eval mode on every call, because a caller (or a training
+        loop sharing the module) may have flipped it to train mode, which would
+        change batch-norm and dropout behaviour silently; its previous mode is
+        restored afterwards.
         """
+        was_training = self.net.training
         self.net.eval()
+        try:
+            return self._extract(images)
+        finally:
+            self.net.train(was_training)
+
+    def _extract(self, images: torch.Tensor | Iterable[torch.Tensor]) -> Features:
         batches = [images] if isinstance(images, torch.Tensor) else images
         pools: list[torch.Tensor] = []
         logits: list[torch.Tensor] = []
-        no_logits = False
+        # Checked per call, not at construction: a shared classifier may have been trained since.
+        use_logits = logits_available(self.net)
+        no_logits = not use_logits
         with torch.no_grad():
             for big in batches:
                 big = _check_images(big)
                 for start in range(0, big.shape[0], self.batch_size):
-                    p, lg = self._run(big[start : start + self.batch_size])
+                    p, lg = self._run(big[start : start + self.batch_size], use_logits)
                     pools.append(p)
                     if lg is None:
                         no_logits = True

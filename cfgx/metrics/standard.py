@@ -23,7 +23,9 @@ def _as_features(x: torch.Tensor, what: str, min_rows: int = 2) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     if x.dim() != 2:
-        raise CfgxError(f"{what} must be a [N, D] feature matrix, got shape {tuple(x.shape)}: flatten to [N, D]")
+        raise CfgxError(
+            f"{what} must be a [N, D] feature matrix, got shape {tuple(x.shape)}: flatten to [N, D]"
+        )
     if x.shape[0] < min_rows:
         raise CfgxError(f"{what} needs at least {min_rows} samples, got {x.shape[0]}: evaluate more samples")
     x = x.detach().to(torch.float64)
@@ -114,7 +116,8 @@ def kid_from_features(
     y = _as_features(fake, "fake features")
     if x.shape[1] != y.shape[1]:
         raise CfgxError(
-            f"KID feature dims differ ({x.shape[1]} vs {y.shape[1]}): use the same extractor for real and fake"
+            f"KID feature dims differ ({x.shape[1]} vs {y.shape[1]}): "
+            "use the same extractor for real and fake"
         )
     if subsets < 1:
         raise CfgxError(f"KID subsets must be >= 1, got {subsets}: set a positive number")
@@ -155,7 +158,9 @@ def inception_score_from_logits(
         return nan
     n = x.shape[0]
     if splits < 1 or n < splits:
-        raise CfgxError(f"IS needs at least one sample per split ({n} samples, {splits} splits): lower is_splits")
+        raise CfgxError(
+            f"IS needs at least one sample per split ({n} samples, {splits} splits): lower is_splits"
+        )
     perm = torch.from_numpy(np.random.RandomState(seed).permutation(n)).to(x.device)
     x = x[perm]
     log_p = x.log_softmax(dim=1)

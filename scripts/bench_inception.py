@@ -1,0 +1,100 @@
+"""Benchmark: FID Inception-v3 feature throughput (img/s) for 32x32 uint8 images.
+
+Uses the real weights when found (--weights, $CFGX_SHARED_DATA, ../shared/data,
+or the torch hub cache), else a random-init network of the same architecture:
+throughput does not depend on the weight values. Runs on CPU, and on CUDA too
+when available.
+
+    python scripts/bench_inception.py [--n 64] [--batch 32] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from cfgx.errors import CfgxError
+from cfgx.metrics.inception import (
+    INCEPTION_NAME,
+    INCEPTION_WEIGHTS_FILENAME,
+    FeatureExtractor,
+    resolve_weights_path,
+)
+
+
+class _RandomInitInception(FeatureExtractorInceptionV3):
+    """Same network, weights left at their random init (torch-fidelity always loads a state dict)."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return None
+
+
+def _find_weights(explicit: str | None) -> Path | None:
+    candidates = []
+    if explicit:
+        candidates.append(Path(explicit))
+    shared = os.environ.get("CFGX_SHARED_DATA")
+    base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
+    candidates.append(base / "inception" / INCEPTION_WEIGHTS_FILENAME)
+    for c in candidates:
+        if c.is_file():
+            return c
+    try:
+        return resolve_weights_path(None)
+    except CfgxError:
+        return None
+
+
+def _extractor(weights: Path | None, device: str, batch: int) -> FeatureExtractor:
+    if weights is not None:
+        return FeatureExtractor.inception(weights, device=device, batch_size=batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        net = _RandomInitInception(
+            INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(empty)
+        )
+    return FeatureExtractor(net, name=INCEPTION_NAME + "-random", device=device, batch_size=batch)
+
+
+def bench(weights: Path | None, device: str, n: int, batch: int) -> float:
+    ext = _extractor(weights, device, batch)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    ext(images[:batch])  # warm-up: allocator, cuDNN autotuning, lazy init
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    ext(images)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64, help="images timed per device (after one warm-up batch)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
+    ap.add_argument("--weights", default=None, help="path to " + INCEPTION_WEIGHTS_FILENAME)
+    args = ap.parse_args()
+
+    weights = _find_weights(args.weights)
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    print(
+        f"weights: {weights if weights else 'random init (real weights not found)'}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    )
+    for device in devices:
+        n = args.n if device == "cpu" else max(args.n, 2048)
+        rate = bench(weights, device, n, args.batch)
+        print(f"inception: {rate:.1f} img/s ({device}, batch {args.batch})")
+
+
+if __name__ == "__main__":
+    main()

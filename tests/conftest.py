@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny trained run reused by the CLI and sweep tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CFGX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Small enough to train and sweep in seconds on 2 CPU cores, but every real code path.
+TINY = ["backbone.ch=8", "train.steps=12", "train.batch_size=16", "train.ckpt_every=5", "train.log_every=4",
+        "eval.num_samples=40", "eval.batch_size=20", "sampler.steps=4", "eval.classifier.steps=150",
+        "eval.classifier.width=8", "guidance=0,1,3"]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cfgx_cache")
+    os.environ["CFGX_CACHE"] = str(d)
+    return d
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, cache_dir) -> Path:
+    """Run the CLI from a fresh folder so runs/ lands in tmp."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_dir) -> Path:
+    """One tiny digits run trained through the real `cfgx train` path."""
+    from cfgx.cli import train_task
+    from cfgx.config import compose
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = compose(TINY + [f"paths.runs={root}"])
+    return train_task(cfg, overrides=TINY)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED

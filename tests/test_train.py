@@ -1,0 +1,95 @@
+"""Training: the label self-check and bit-exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfgx.backbones import build_backbone, check_label_dependence
+from cfgx.config import compose
+from cfgx.data import build_dataset
+from cfgx.errors import CfgxError
+from cfgx.runs import new_run_dir
+from cfgx.train import load_checkpoint, train
+
+SMALL = ["backbone.ch=8", "train.steps=10", "train.batch_size=16", "train.ckpt_every=4", "train.log_every=2"]
+
+
+def test_self_check_passes_for_the_unet_and_fails_when_labels_are_ignored():
+    cfg = compose([])
+    data = build_dataset(cfg.dataset)
+    model = build_backbone(cfg.backbone, data)
+    check_label_dependence(model, data.shape)
+
+    dim = model.label_emb.embedding_dim
+
+    class Zero(torch.nn.Module):  # a class embedding that is not wired to anything
+        def forward(self, y):
+            return torch.zeros(y.shape[0], dim)
+
+    model.label_emb = Zero()
+    with pytest.raises(CfgxError, match="does not depend on the class label"):
+        check_label_dependence(model, data.shape)
+
+
+def test_null_label_is_a_reserved_extra_row():
+    cfg = compose([])
+    data = build_dataset(cfg.dataset)
+    model = build_backbone(cfg.backbone, data)
+    assert model.label_emb.num_embeddings == data.num_classes + 1
+
+
+class Crash(Exception):
+    pass
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_resume_after_interruption_reaches_same_step_and_weights(tmp_path):
+    cfg = compose(SMALL)
+    data = build_dataset(cfg.dataset)
+    dev = torch.device("cpu")
+
+    straight = train(cfg, data, new_run_dir(tmp_path, "a"), dev)
+
+    run = new_run_dir(tmp_path, "b")
+
+    def crash_at_7(step):  # a hard kill: no checkpoint is written at step 7
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, data, run, dev, on_step=crash_at_7)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+    resumed = train(cfg, data, run, dev)
+    assert resumed.step == straight.step == 10
+    assert torch.equal(_weights(resumed.model), _weights(straight.model))
+    raw = load_checkpoint(run / "checkpoints" / "last.pt")
+    ref = load_checkpoint(tmp_path / "a" / sorted(p.name for p in (tmp_path / "a").iterdir())[0] /
+                          "checkpoints" / "last.pt")
+    for k in raw["model"]:
+        assert torch.equal(raw["model"][k], ref["model"][k]), k
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    cfg = compose(SMALL)
+    data = build_dataset(cfg.dataset)
+    run = new_run_dir(tmp_path, "c")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CfgxError, match="corrupt"):
+        train(cfg, data, run, torch.device("cpu"))
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_loss_decreases_on_digits(tmp_path):
+    cfg = compose(["train.steps=60", "train.batch_size=32", "train.log_every=10", "backbone.ch=16"])
+    data = build_dataset(cfg.dataset)
+    run = new_run_dir(tmp_path, "d")
+    train(cfg, data, run, torch.device("cpu"))
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0]
