@@ -9,20 +9,30 @@ typo fails as one line before anything is written.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cfgx.config import (GROUPS, TRAINING_KEYS, check_group_choices, compose, config_dir, config_hash,
-                         group_options, normalize_overrides, to_container, validate)
+from cfgx.config import (
+    GROUPS,
+    TRAINING_KEYS,
+    check_group_choices,
+    compose,
+    config_dir,
+    config_hash,
+    group_options,
+    normalize_overrides,
+    validate,
+)
 from cfgx.errors import CfgxError
 
 SUBCOMMANDS = {
     "train": "train a joint conditional/unconditional model, then sweep guidance scales",
     "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH]",
+    "report": "merge several runs' tables and plot them: cfgx report RUN [RUN ...] [out=DIR]",
+    "prepare": "download a dataset and the Inception weights ahead of time: cfgx prepare dataset=X",
 }
 EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess")
 
@@ -117,8 +127,16 @@ def _job_tag() -> str:
 def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None, console=None) -> Path:
     """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir."""
     from cfgx.data import build_dataset
-    from cfgx.runs import (atomic_write_json, atomic_write_text, find_resumable, new_run_dir, pick_device,
-                           provenance, read_meta, resolve_run)
+    from cfgx.runs import (
+        atomic_write_json,
+        atomic_write_text,
+        find_resumable,
+        new_run_dir,
+        pick_device,
+        provenance,
+        read_meta,
+        resolve_run,
+    )
     from cfgx.sweep import run_sweep
     from cfgx.train import train
 
@@ -215,9 +233,77 @@ def cmd_sweep(args: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- report
+
+def cmd_report(args: list[str]) -> int:
+    from cfgx.report import console_table, plot_cond_drop_heatmap, plot_run, write_tables
+    from cfgx.runs import is_run_dir, load_run_config, resolve_run
+    from cfgx.sweep import load_rows
+
+    out = None
+    runs = []
+    for a in args:
+        if a.startswith("out="):
+            out = Path(a.split("=", 1)[1])
+        elif "=" in a:
+            raise CfgxError(f"cfgx report takes run dirs and out=DIR, not {a!r}; e.g. cfgx report runs/digits/*")
+        else:
+            runs.append(resolve_run(a, Path("runs")))
+    if not runs:
+        raise CfgxError("cfgx report needs at least one run dir; e.g. cfgx report runs/digits/*")
+    rows = []
+    for r in runs:
+        cfg = load_run_config(r)
+        rs = load_rows(r)
+        if not rs:
+            raise CfgxError(f"{r} has no sweep rows yet; run 'cfgx sweep run={r}' first")
+        for row in rs:
+            row = {"run": str(r), "run_label": f"{r.name} cd={cfg['cond_drop']['p']:g}",
+                   "cond_drop": cfg["cond_drop"]["p"], "dataset": cfg["dataset"]["name"], **row}
+            rows.append(row)
+    out = out or (runs[0].parent / f"report-{time.strftime('%Y%m%d-%H%M%S')}")
+    if is_run_dir(out):
+        raise CfgxError(f"out={out} is a run dir; pick a new folder for the merged report")
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(rows, out, stem="report")
+    paths = plot_run(rows, out)
+    heat = plot_cond_drop_heatmap(rows, out / "plot_cond_drop_heatmap.png")
+    console = _console()
+    console.print(console_table(rows, title=f"{len(runs)} run(s), {len(rows)} rows"))
+    console.print(f"wrote {out}/report.csv, report.json, report.md and {len(paths) + bool(heat)} plots")
+    return 0
+
+
+# ---------------------------------------------------------------- prepare
+
+def cmd_prepare(args: list[str]) -> int:
+    """Fetch a dataset and the Inception weights while a network is available."""
+    from cfgx.data import build_dataset
+    from cfgx.metrics.inception import INCEPTION_WEIGHTS_URL, default_weights_path
+
+    cfg = compose(normalize_overrides(args) + ["dataset.download=true"])
+    console = _console()
+    data = build_dataset(cfg.dataset)
+    console.print(f"dataset {data.name}: {len(data.train)} training images ready")
+    weights = Path(str(cfg.eval.inception_weights)) if cfg.eval.get("inception_weights") else default_weights_path()
+    if weights.is_file():
+        console.print(f"Inception weights present: {weights}")
+    else:
+        import torch
+
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(weights), progress=True)
+        except Exception as e:
+            raise CfgxError(f"could not download the Inception weights ({type(e).__name__}); fetch "
+                            f"{INCEPTION_WEIGHTS_URL} on a machine with internet and put it at {weights}") from None
+        console.print(f"Inception weights saved to {weights}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep}
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "prepare": cmd_prepare}
 
 
 def _fail(e: CfgxError) -> None:

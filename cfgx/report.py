@@ -79,3 +79,118 @@ def console_table(rows: list[dict], title: str = ""):
     for r in rows:
         table.add_row(*[_fmt(r.get(k)) for k in extra], *[_fmt(r.get(k)) for k, _ in present])
     return table
+
+
+# ---------------------------------------------------------------- plots
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped into curves: one per (run, method, postprocess, sampler, steps, samples)."""
+    groups: dict[str, list[dict]] = {}
+    for r in sort_rows(rows):
+        parts = [str(r.get("run_label", "")), str(r.get("method", "cfg")),
+                 "" if r.get("postprocess", "none") == "none" else f"+{r['postprocess']}",
+                 f"{r.get('sampler')}{r.get('steps')}", f"n={r.get('num_samples')}"]
+        groups.setdefault(" ".join(p for p in parts if p), []).append(r)
+    return groups
+
+
+def _quality_keys(rows: list[dict]) -> tuple[str, str, str, str]:
+    """(x, y) of the trade-off plot: FID vs IS when IS exists, else FD(classifier) vs accuracy."""
+    if any(r.get("is_mean") is not None for r in rows) and any(r.get("fid") is not None for r in rows):
+        return "is_mean", "fid", "Inception Score", "FID"
+    if any(r.get("fid") is not None for r in rows):
+        return "accuracy", "fid", "sample class accuracy", "FID"
+    return "accuracy", "fd_classifier", "sample class accuracy", "Fréchet distance (eval-classifier features)"
+
+
+def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path]:
+    """Trade-off curve, precision/recall vs s and diversity vs s, as PNGs in ``out_dir``."""
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = []
+    groups = _series(rows)
+    xk, yk, xl, yl = _quality_keys(rows)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name, rs in groups.items():
+        pts = [(r.get(xk), r.get(yk), r["s"]) for r in rs if r.get(xk) is not None and r.get(yk) is not None]
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        for x, y, s in pts:
+            ax.annotate(f"s={s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title(f"{yl.split(' (')[0]} vs {xl}: the guidance trade-off")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / f"{prefix}_tradeoff.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    for fname, keys, title in [("precision_recall", ("precision", "recall", "density", "coverage"),
+                                "Precision / recall / density / coverage vs s"),
+                               ("diversity", ("vendi", "diversity_within_class", "diversity_within_class_inception"),
+                                "Diversity vs s"),
+                               ("boundary", ("accuracy", "confidence", "margin", "near_boundary"),
+                                "Decision-boundary statistics vs s (eval classifier)")]:
+        present = [k for k in keys if any(r.get(k) is not None for r in rows)]
+        if not present:
+            continue
+        fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.4), squeeze=False)
+        for ax, k in zip(axes[0], present):
+            for name, rs in groups.items():
+                pts = [(r["s"], r[k]) for r in rs if r.get(k) is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+            ax.set_xlabel("guidance scale s (w = s - 1)")
+            ax.set_title(k)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        paths.append(out_dir / f"{prefix}_{fname}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def plot_cond_drop_heatmap(rows: list[dict], out_path: Path) -> Path | None:
+    """cond_drop x s heat-map of FID (or FD in classifier features when FID is absent)."""
+    key = "fid" if any(r.get("fid") is not None for r in rows) else "fd_classifier"
+    cells = {(r.get("cond_drop"), r["s"]): r.get(key) for r in rows
+             if r.get("cond_drop") is not None and r.get(key) is not None and r.get("postprocess", "none") == "none"}
+    drops = sorted({d for d, _ in cells})
+    scales = sorted({s for _, s in cells})
+    if len(drops) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.full((len(drops), len(scales)), np.nan)
+    for (d, s), v in cells.items():
+        grid[drops.index(d), scales.index(s)] = v
+    fig, ax = plt.subplots(figsize=(1.1 * len(scales) + 2, 0.7 * len(drops) + 1.8))
+    im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(scales)), [f"{s:g}" for s in scales])
+    ax.set_yticks(range(len(drops)), [f"{d:g}" for d in drops])
+    ax.set_xlabel("guidance scale s")
+    ax.set_ylabel("cond_drop")
+    for i in range(len(drops)):
+        for j in range(len(scales)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, label=key)
+    ax.set_title(f"{key} by cond_drop and s (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,14 +1,15 @@
 """Evaluating a trained run at a list of guidance scales.
 
-For each scale: draw ``eval.num_samples`` samples with paired seeds, score them,
-write the row atomically (so an interrupted sweep resumes at the missing
-scales), and draw a sample grid. Then merge every row of the run into
-metrics.csv/.json/.md and print the key columns.
+For each scale (and each seed block): draw ``eval.num_samples`` samples with
+paired seeds, extract their features once (cached per checkpoint, scale,
+sampler, steps and seed block, so adding a metric never resamples), score them,
+and write the row atomically, so an interrupted sweep resumes at the missing
+scales. Then merge every row of the run into metrics.csv/.json/.md, draw the
+plots and print the key columns.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -19,14 +20,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cfgx.config import config_hash
-from cfgx.data import DatasetBundle, stack_dataset, to_uint8
+from cfgx.data import DatasetBundle, to_uint8
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
-from cfgx.metrics.classifier import classifier_metrics
-from cfgx.metrics.eval_classifier import classify, get_eval_classifier
-from cfgx.report import console_table, write_tables
-from cfgx.runs import atomic_write_json, device_name, versions
+from cfgx.metrics.suite import EvalSuite
+from cfgx.report import console_table, plot_run, write_tables
+from cfgx.runs import atomic_torch_save, atomic_write_json, device_name, versions
 from cfgx.sample import balanced_labels, generate
+
+SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
 
 
 def scale_tag(s: float) -> str:
@@ -34,9 +36,10 @@ def scale_tag(s: float) -> str:
 
 
 def row_key(method: str, postprocess: str, sampler: str, steps: int, eta: float, n: int, seed: int,
-            ckpt_step: int, scale: float) -> str:
+            blocks: int, ckpt_step: int, scale: float) -> str:
     """File name of a row: every choice that changes the samples is in it."""
-    return (f"{method}-{postprocess}-{sampler}{steps}-eta{scale_tag(eta)}-n{n}-seed{seed}-"
+    b = f"-b{blocks}" if blocks > 1 else ""
+    return (f"{method}-{postprocess}-{sampler}{steps}-eta{scale_tag(eta)}-n{n}-seed{seed}{b}-"
             f"step{ckpt_step}-s{scale_tag(scale)}")
 
 
@@ -44,7 +47,7 @@ def save_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int
     """Rows = classes, columns = the first ``per_class`` samples of each class (same seeds at every s)."""
     import torchvision
 
-    idx = []
+    idx: list[int] = []
     for c in range(num_classes):
         ids = (y == c).nonzero().flatten()[:per_class].tolist()
         idx += ids + [ids[-1]] * (per_class - len(ids)) if ids else []
@@ -58,19 +61,18 @@ def save_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int
     return grid
 
 
-def save_side_by_side(grids: dict[float, torch.Tensor], path: Path) -> None:
+def save_side_by_side(grids: dict[str, torch.Tensor], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = sorted(grids)
-    fig, axes = plt.subplots(1, len(scales), figsize=(3.2 * len(scales), 3.6), squeeze=False)
-    for ax, s in zip(axes[0], scales):
-        ax.imshow(grids[s].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"s = {s:g}  (w = {s - 1:g})")
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], grids.items()):
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(name)
         ax.axis("off")
-    fig.suptitle("Same seeds at every guidance scale; rows are classes")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -83,76 +85,197 @@ def load_rows(run_dir: Path) -> list[dict]:
         try:
             rows.append(json.loads(p.read_text()))
         except json.JSONDecodeError:
-            continue  # a row is written atomically, so this is a foreign file; skip it
+            continue  # rows are written atomically, so this is a foreign file; skip it
     return rows
+
+
+def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and 95% t-interval half-width over seed blocks (None where undefined)."""
+    vals = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    from scipy.stats import t
+
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return m, float(t.ppf(0.975, len(vals) - 1) * sd / len(vals) ** 0.5)
+
+
+def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(block_rows) == 1:
+        return dict(block_rows[0])
+    out: dict[str, Any] = {}
+    for k in block_rows[0]:
+        vals = [r.get(k) for r in block_rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals if v is not None) and \
+                any(v is not None for v in vals):
+            out[k], ci = mean_ci(vals)
+            out[f"{k}_ci95"] = ci
+        else:
+            out[k] = vals[0]
+    return out
+
+
+class Sweeper:
+    """Samples, featurises and scores one run at many scales; holds what all scales share."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.nn.Module,
+                 ckpt_step: int, device: torch.device, console=None) -> None:
+        self.cfg, self.run_dir, self.data, self.model = cfg, Path(run_dir), data, model
+        self.ckpt_step, self.device, self.console = ckpt_step, device, console
+        ec = cfg.eval
+        self.schedule = NoiseSchedule.from_config(cfg.diffusion)
+        self.sampler = build_sampler(cfg.sampler.name, self.schedule, int(cfg.sampler.steps),
+                                     float(cfg.sampler.eta), clip_x0=data.clip)
+        self.n, self.seed, self.bs = int(ec.num_samples), int(ec.seed), int(ec.batch_size)
+        self.blocks = int(OmegaConf.select(cfg, "eval.seed_blocks", default=1))
+        self.labels = balanced_labels(self.n, data.num_classes)
+        self.method = str(cfg.guidance.method)
+        self.postprocess = str(cfg.postprocess.name)
+        self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self.guide_clf = None
+        self.guide_info: dict[str, Any] = {}
+        if self.method == "classifier":
+            from cfgx.backbones.noisy_classifier import get_guidance_classifier
+
+            self.guide_clf, self.guide_info = get_guidance_classifier(
+                self.run_dir, data, self.schedule, device,
+                OmegaConf.to_container(cfg.guidance.classifier, resolve=True), console)
+        self.post = None
+        if self.postprocess != "none":
+            from cfgx.postprocess import load_postprocessor
+
+            self.post = load_postprocessor(cfg, self.run_dir, data, device)
+        self.suite = EvalSuite(cfg, data, device, console)
+        self.fid_warned = False
+
+    def _samples(self, scale: float, block: int):
+        return generate(self.model, self.sampler, self.data.shape, self.labels, scale,
+                        self.seed + block * SEED_BLOCK_STRIDE, self.bs, self.device, method=self.method,
+                        classifier=self.guide_clf, autocast_bf16=self.use_bf16)
+
+    def run(self, scales: list[float]) -> list[dict[str, Any]]:
+        rows_dir = self.run_dir / "sweep" / "rows"
+        feat_dir = self.run_dir / "sweep" / "features"
+        grids: dict[str, dict[str, torch.Tensor]] = {}
+        out_rows: list[dict[str, Any]] = []
+        variants = ["none"] + ([self.postprocess] if self.post is not None else [])
+        for s in scales:
+            keys = {v: row_key(self.method, v, self.sampler.name, len(self.sampler.timesteps),
+                               self.sampler.eta, self.n, self.seed, self.blocks, self.ckpt_step, s)
+                    for v in variants}
+            overwrite = bool(self.cfg.eval.overwrite)
+            todo = [v for v in variants if overwrite or not (rows_dir / f"{keys[v]}.json").is_file()]
+            for v in variants:
+                if v not in todo:
+                    out_rows.append(json.loads((rows_dir / f"{keys[v]}.json").read_text()))
+            if not todo:
+                self._say(f"s={s:g}: already in the table; eval.overwrite=true recomputes")
+                continue
+            per_variant: dict[str, list[dict]] = {v: [] for v in todo}
+            for b in range(self.blocks):
+                x_cache: torch.Tensor | None = None
+                for v in todo:
+                    fpath = feat_dir / f"{keys[v]}-block{b}.pt"
+                    feats = None
+                    if fpath.is_file() and not bool(self.cfg.eval.overwrite):
+                        blob = torch.load(fpath, map_location="cpu", weights_only=False)
+                        feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
+                    if feats is None:
+                        if x_cache is None:
+                            batch = self._samples(s, b)
+                            x_cache, base_t = batch.x, {"seconds": batch.seconds, "nfe": batch.nfe}
+                        x, tinfo = x_cache, dict(base_t)
+                        if v != "none":
+                            x, extra_nfe, secs = self.post.apply(x_cache, self.labels)
+                            tinfo = {"seconds": base_t["seconds"] + secs, "nfe": base_t["nfe"] + extra_nfe,
+                                     "post_seconds": secs, "post_nfe": extra_nfe}
+                        feats = self.suite.extract(x)
+                        x_grid = self._grid_subset(x)
+                        atomic_torch_save(fpath, {"features": feats, "timing": tinfo, "grid_x": x_grid})
+                    metrics = self.suite.score(feats, self.labels)
+                    metrics.update({f"_{k}": val for k, val in tinfo.items()})
+                    per_variant[v].append(metrics)
+                    if b == 0 and x_grid is not None and self.data.is_image:
+                        grids.setdefault(v, {})[f"s = {s:g}  (w = {s - 1:g})"] = save_grid(
+                            x_grid, self._grid_labels(), self.data.num_classes,
+                            int(self.cfg.eval.grid_per_class), self.run_dir / "sweep" / "grids" / f"{keys[v]}.png")
+            for v in todo:
+                row = self._row(s, v, combine_blocks(per_variant[v]))
+                atomic_write_json(rows_dir / f"{keys[v]}.json", row)
+                out_rows.append(row)
+                self._report_scale(row)
+        for v, g in grids.items():
+            title = (f"{self.data.name}: {self.method} guidance, same seeds at every scale; rows are classes"
+                     + ("" if v == "none" else f"; postprocess={v}"))
+            save_side_by_side(g, self.run_dir / ("samples.png" if v == "none" else f"samples_{v}.png"), title)
+        write_tables(load_rows(self.run_dir), self.run_dir)
+        plot_run(load_rows(self.run_dir), self.run_dir)
+        return out_rows
+
+    def _grid_labels(self) -> torch.Tensor:
+        k = int(self.cfg.eval.grid_per_class)
+        return self.labels[: k * self.data.num_classes]
+
+    def _grid_subset(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.data.is_image:
+            return None
+        return x[: int(self.cfg.eval.grid_per_class) * self.data.num_classes].clone()
+
+    def _row(self, s: float, postprocess: str, m: dict[str, Any]) -> dict[str, Any]:
+        seconds = float(m.pop("_seconds"))
+        nfe = m.pop("_nfe")
+        post_s, post_nfe = m.pop("_post_seconds", None), m.pop("_post_nfe", None)
+        for k in [k for k in m if k.startswith("_")]:
+            m.pop(k)
+        vers = versions()
+        total = self.n * self.blocks
+        row: dict[str, Any] = {"s": s, "w_ho": s - 1.0, "method": self.method, "postprocess": postprocess}
+        row.update({k: _clean(v) for k, v in m.items()})
+        row.update({
+            "sampler": self.sampler.name, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
+            "nfe": nfe, "postprocess_nfe": post_nfe, "postprocess_seconds": post_s,
+            "num_samples": self.n, "seed_blocks": self.blocks, "seed": self.seed,
+            "seconds": round(seconds * (self.blocks if self.blocks > 1 else 1), 3),
+            "samples_per_s": round(total / (seconds * self.blocks), 2) if seconds > 0 else None,
+            "checkpoint_step": self.ckpt_step, **self.suite.info, **self.guide_info,
+            "config_hash": config_hash(self.cfg), "device": device_name(self.device),
+            "cfgx": vers.get("cfgx"), "torch": vers.get("torch"), "torchmetrics": vers.get("torchmetrics"),
+        })
+        return row
+
+    def _report_scale(self, row: dict[str, Any]) -> None:
+        bits = [f"s={row['s']:g}", f"acc {row['accuracy']:.3f}", f"FD(clf) {row['fd_classifier']:.3g}"]
+        if row.get("fid") is not None:
+            bits.append(f"FID {row['fid']:.2f}")
+        if row["postprocess"] != "none":
+            bits.insert(1, f"[{row['postprocess']}]")
+        bits.append(f"{row['samples_per_s'] or 0:.1f} samples/s")
+        self._say("  ".join(bits))
+        if row.get("fid_comparable") is False and not self.fid_warned:
+            self.fid_warned = True
+            self._say(f"[yellow]note: FID from {self.n} samples (< 2048, the feature dimension) is biased and "
+                      "not comparable with published numbers; raise eval.num_samples (50k is standard)")
+
+    def _say(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg)
 
 
 def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.nn.Module, ckpt_step: int,
               device: torch.device, console=None) -> list[dict[str, Any]]:
     """Evaluate ``model`` at every scale in ``cfg.guidance.scales``; returns this sweep's rows."""
-    ec = cfg.eval
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    sampler = build_sampler(cfg.sampler.name, schedule, int(cfg.sampler.steps), float(cfg.sampler.eta),
-                            clip_x0=data.clip)
-    n, seed, bs = int(ec.num_samples), int(ec.seed), int(ec.batch_size)
-    labels = balanced_labels(n, data.num_classes)
-    method = str(cfg.guidance.method)
-    postprocess = str(cfg.postprocess.name)
-    cfg_hash = config_hash(cfg)
-    vers = versions()
-    dev_name = device_name(device)
-    use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
-
-    clf, clf_info = get_eval_classifier(data, OmegaConf.to_container(cfg.dataset, resolve=True),
-                                        OmegaConf.to_container(ec.classifier, resolve=True),
-                                        cfg.paths.cache, device, console)
-    real_x, _ = stack_dataset(data.train)
-    real_feats, _ = classify(clf, real_x, device)
-
-    rows_dir = Path(run_dir) / "sweep" / "rows"
-    grids: dict[float, torch.Tensor] = {}
-    rows = []
-    for s in [float(v) for v in cfg.guidance.scales]:
-        key = row_key(method, postprocess, sampler.name, sampler.steps, sampler.eta, n, seed, ckpt_step, s)
-        row_path = rows_dir / f"{key}.json"
-        grid_path = Path(run_dir) / "sweep" / "grids" / f"{key}.png"
-        if row_path.is_file() and not bool(ec.overwrite):
-            rows.append(json.loads(row_path.read_text()))
-            _say(console, f"s={s:g}: already in the table ({row_path.name}); eval.overwrite=true recomputes")
-            continue
-        batch = generate(model, sampler, data.shape, labels, s, seed, bs, device, method=method,
-                         autocast_bf16=use_bf16)
-        t_metrics = time.perf_counter()
-        feats, logits = classify(clf, batch.x, device)
-        metrics = classifier_metrics(feats, logits, batch.y, real_feats)
-        row: dict[str, Any] = {
-            "s": s, "w_ho": s - 1.0, "method": method, "postprocess": postprocess,
-            **{k: _clean(v) for k, v in metrics.items()},
-            "sampler": sampler.name, "steps": len(sampler.timesteps), "eta": sampler.eta,
-            "nfe": batch.nfe, "num_samples": n, "seed": seed,
-            "seconds": round(batch.seconds, 3), "samples_per_s": round(n / batch.seconds, 2),
-            "metric_seconds": round(time.perf_counter() - t_metrics, 3),
-            "checkpoint_step": ckpt_step, "extractor": f"eval_classifier:{clf_info['key']}",
-            "eval_classifier_acc": round(clf_info["held_out_accuracy"], 4),
-            "real_reference": f"{data.name}:train ({len(real_x)})",
-            "config_hash": cfg_hash, "device": dev_name,
-            "cfgx": vers.get("cfgx"), "torch": vers.get("torch"), "torchmetrics": vers.get("torchmetrics"),
-        }
-        atomic_write_json(row_path, row)
-        rows.append(row)
-        _say(console, f"s={s:g}: acc {row['accuracy']:.3f}  FD(clf) {row['fd_classifier']:.3g}  "
-                      f"{row['samples_per_s']:.0f} samples/s")
-        if data.is_image:
-            grids[s] = save_grid(batch.x, batch.y, data.num_classes, int(ec.grid_per_class), grid_path)
-    if data.is_image and grids:
-        tag = hashlib.sha256(json.dumps(sorted(grids)).encode()).hexdigest()[:6]
-        save_side_by_side(grids, Path(run_dir) / "sweep" / f"grids_{method}_{sampler.name}_{tag}.png")
-        save_side_by_side(grids, Path(run_dir) / "samples.png")
-    write_tables(load_rows(run_dir), Path(run_dir))
+    t0 = time.perf_counter()
+    sweeper = Sweeper(cfg, run_dir, data, model, ckpt_step, device, console)
+    rows = sweeper.run([float(v) for v in cfg.guidance.scales])
     if console is not None:
-        console.print(console_table(rows, title=f"{data.name}: {method} guidance, {sampler.name} "
-                                                f"{len(sampler.timesteps)} steps, {n} samples/scale"))
-        console.print(f"wrote {run_dir}/metrics.csv, metrics.json, metrics.md, samples.png")
+        console.print(console_table(rows, title=f"{data.name}: {cfg.guidance.method} guidance, "
+                                                f"{sweeper.sampler.name} {len(sweeper.sampler.timesteps)} steps, "
+                                                f"{sweeper.n} samples/scale"))
+        console.print(f"sweep took {time.perf_counter() - t0:.1f}s; wrote {run_dir}/metrics.csv, metrics.json, "
+                      "metrics.md and plots")
     return rows
 
 
@@ -160,8 +283,3 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def _say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)

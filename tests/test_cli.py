@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY
 from omegaconf import OmegaConf
 
 from cfgx.cli import main, sweep_config
-from conftest import REPO, TINY
 
 
 def run_cli(args, cwd, env_extra=None, timeout=300):

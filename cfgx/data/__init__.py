@@ -6,7 +6,7 @@ the loader).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.data.images import load_digits, load_imagefolder, load_torchvision, to_uint8

@@ -1,0 +1,173 @@
+"""The evaluation suite: the real side prepared once, then every metric for a set of samples.
+
+Feature spaces (``eval.features``):
+- ``classifier``: the evaluation classifier (always on). Accuracy, Fréchet distance in
+  its features, within-class diversity, decision-boundary statistics.
+- ``inception``: the FID InceptionV3, one forward pass per image for FID, IS, KID and
+  precision/recall/density/coverage/Vendi.
+``auto`` picks classifier only for 8x8 digits and the toys (Inception features of
+8 px images mean little) and both spaces elsewhere.
+
+Precision/recall, density/coverage and Vendi are computed in the *primary* space:
+Inception when it is on, else the classifier; the ``feature_space`` column says which.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cfgx.data import DatasetBundle, stack_dataset, to_uint8
+from cfgx.errors import CfgxError
+from cfgx.metrics.classifier import boundary_stats, classifier_metrics
+from cfgx.metrics.diversity import (
+    density_coverage,
+    improved_precision_recall,
+    vendi_score,
+    within_class_pairwise_distance,
+)
+from cfgx.metrics.standard import fid_from_features, inception_score_from_logits, kid_from_features
+
+INCEPTION_DIM = 2048
+NO_INCEPTION = ("digits", "gmm1d", "gmm2d")
+
+
+def resolve_feature_spaces(features: Any, data: DatasetBundle) -> list[str]:
+    if features in (None, "auto"):
+        return ["classifier"] if data.name in NO_INCEPTION or not data.is_image else ["classifier", "inception"]
+    spaces = [features] if isinstance(features, str) else list(features)
+    for s in spaces:
+        if s not in ("classifier", "inception"):
+            raise CfgxError(f"eval.features has {s!r}; valid: classifier, inception (or auto)")
+    if "inception" in spaces and not data.is_image:
+        raise CfgxError(f"eval.features=inception needs images, {data.name!r} is not an image dataset; "
+                        "use eval.features=[classifier]")
+    return ["classifier"] + [s for s in spaces if s != "classifier"]
+
+
+class EvalSuite:
+    """Holds the evaluation classifier, the Inception extractor and the real-side features."""
+
+    def __init__(self, cfg: DictConfig, data: DatasetBundle, device: torch.device, console=None) -> None:
+        ec = cfg.eval
+        self.data, self.device, self.console = data, device, console
+        self.spaces = resolve_feature_spaces(OmegaConf.select(cfg, "eval.features", default="auto"), data)
+        self.delta = float(OmegaConf.select(cfg, "eval.boundary_delta", default=1.0))
+        self.pr_k = int(OmegaConf.select(cfg, "eval.pr_k", default=3))
+        self.dc_k = int(OmegaConf.select(cfg, "eval.dc_k", default=5))
+        self.kid_subsets = int(OmegaConf.select(cfg, "eval.kid_subsets", default=100))
+        self.kid_subset_size = int(OmegaConf.select(cfg, "eval.kid_subset_size", default=1000))
+        n_real = int(OmegaConf.select(cfg, "eval.real_samples", default=10000))
+        real_x, real_y = stack_dataset(data.train)
+        if len(real_y) > n_real:  # a fixed, seeded subset: the same for every run of this dataset
+            idx = torch.randperm(len(real_y), generator=torch.Generator().manual_seed(0))[:n_real]
+            real_x, real_y = real_x[idx], real_y[idx]
+        self.n_real = len(real_y)
+        self.real_y = real_y
+        self.info: dict[str, Any] = {"real_reference": f"{data.name}:train ({self.n_real})"}
+
+        if data.is_image:
+            from cfgx.metrics.eval_classifier import get_eval_classifier
+
+            self.clf, clf_info = get_eval_classifier(data, OmegaConf.to_container(cfg.dataset, resolve=True),
+                                                     OmegaConf.to_container(ec.classifier, resolve=True),
+                                                     cfg.paths.cache, device, console)
+            self.info.update({"extractor_classifier": f"eval_classifier:{clf_info['key']}",
+                              "eval_classifier_acc": round(clf_info["held_out_accuracy"], 4)})
+        else:  # toys: the exact clean posterior is the ideal classifier, raw coordinates the features
+            self.clf = None
+            self.info.update({"extractor_classifier": "exact_posterior", "eval_classifier_acc": None})
+        self.real = self._classifier_features(real_x)
+
+        self.inception = None
+        if "inception" in self.spaces:
+            self._prepare_inception(cfg, real_x)
+
+    # ------------------------------------------------------------------ features
+
+    def _classifier_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.clf is None:
+            mixture = self.data.extra["mixture"]
+            logits = mixture.class_log_posterior(x.double(), 1.0).float()
+            return {"clf_feats": x.float().reshape(len(x), -1), "clf_logits": logits}
+        from cfgx.metrics.eval_classifier import classify
+
+        feats, logits = classify(self.clf, x, self.device)
+        return {"clf_feats": feats, "clf_logits": logits}
+
+    def _prepare_inception(self, cfg: DictConfig, real_x: torch.Tensor) -> None:
+        from cfgx.metrics.feature_cache import FeatureCache
+        from cfgx.metrics.inception import FeatureExtractor
+
+        weights = OmegaConf.select(cfg, "eval.inception_weights", default=None)
+        self.inception = FeatureExtractor.inception(weights, device=self.device,
+                                                    batch_size=int(cfg.eval.get("inception_batch_size", 64)))
+        prov = self.inception.provenance()
+        self.info.update({"extractor_inception": prov["extractor"], "inception_weights": prov["weights_sha256"]})
+        cache = FeatureCache(cfg.paths.cache)
+        key = cache.key(dataset=self.data.name, split="train", resolution=self.data.resolution,
+                        channels=self.data.channels, n_real=self.n_real, subset_seed=0,
+                        root=str(OmegaConf.select(cfg, "dataset.root", default=None)), **prov)
+        hit = cache.load(key)
+        if hit is None:
+            self._say(f"computing Inception features of {self.n_real} real images (cached for every run "
+                      f"and scale: {cache.path(key)})")
+            f = self.inception(to_uint8(real_x))
+            hit = {"pool": f.pool}
+            cache.save(key, hit)
+        self.real["inc_pool"] = hit["pool"]
+
+    def extract(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every feature the metrics need, one forward pass per image per extractor."""
+        out = self._classifier_features(x)
+        if self.inception is not None:
+            f = self.inception(to_uint8(x))
+            out["inc_pool"] = f.pool
+            if f.logits is not None:
+                out["inc_logits"] = f.logits
+        return out
+
+    # ------------------------------------------------------------------ metrics
+
+    def score(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, Any]:
+        n = len(labels)
+        row: dict[str, Any] = {}
+        row.update(classifier_metrics(feats["clf_feats"], feats["clf_logits"], labels, self.real["clf_feats"],
+                                      self.delta))
+        row["near_boundary_delta"] = self.delta
+        primary = "inc_pool" if "inc_pool" in feats else "clf_feats"
+        row["feature_space"] = "inception" if primary == "inc_pool" else "classifier"
+        real_p, fake_p = self.real[primary], feats[primary]
+        row["precision"], row["recall"] = improved_precision_recall(real_p, fake_p, k=self.pr_k)
+        row["density"], row["coverage"] = density_coverage(real_p, fake_p, k=self.dc_k)
+        row["vendi"] = vendi_score(fake_p)
+        if "inc_pool" in feats:
+            row["fid"] = fid_from_features(self.real["inc_pool"], feats["inc_pool"])
+            row["fid_comparable"] = n >= INCEPTION_DIM
+            kid = kid_from_features(self.real["inc_pool"], feats["inc_pool"], subsets=self.kid_subsets,
+                                    subset_size=self.kid_subset_size)
+            row["kid_mean"], row["kid_std"] = kid
+            is_mean, is_std = inception_score_from_logits(feats.get("inc_logits"), splits=10)
+            row["is_mean"] = None if math.isnan(is_mean) else is_mean
+            row["is_std"] = None if math.isnan(is_std) else is_std
+            row["is_available"] = row["is_mean"] is not None
+            row["diversity_within_class_inception"] = within_class_pairwise_distance(feats["inc_pool"], labels)
+        # Per-class Fréchet distance needs more samples per class than feature dimensions.
+        dim = feats["clf_feats"].shape[1]
+        per_class = n // max(self.data.num_classes, 1)
+        if per_class > dim:
+            real_y = self.real_y
+            vals = [fid_from_features(self.real["clf_feats"][real_y == c], feats["clf_feats"][labels == c])
+                    for c in range(self.data.num_classes) if int((real_y == c).sum()) > dim]
+            row["fd_classifier_per_class"] = sum(vals) / len(vals) if vals else None
+        return row
+
+    def _say(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg)
+
+
+__all__ = ["EvalSuite", "resolve_feature_spaces", "boundary_stats"]
