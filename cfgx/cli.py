@@ -9,6 +9,7 @@ typo fails as one line before anything is written.
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ SUBCOMMANDS = {
     "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH]",
     "report": "merge several runs' tables and plot them: cfgx report RUN [RUN ...] [out=DIR]",
     "prepare": "download a dataset and the Inception weights ahead of time: cfgx prepare dataset=X",
+    "toy": "exact-score toys: trajectories and boundaries under CG/CFG: cfgx toy [dataset=gmm1d|gmm2d]",
+    "train-classifier": "train the noise-conditional guidance classifier of a run: [run=PATH]",
+    "postprocess": "train the flow-matching postprocessor of a run: cfgx postprocess [run=PATH]",
 }
 EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess")
 
@@ -208,8 +212,12 @@ def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
     run_dir = resolve_run(run_arg, Path(str(fresh.paths.runs)))
     saved = OmegaConf.create(load_run_config(run_dir))
     for key in EVAL_KEYS:
-        if _touches(rest, key) or key not in saved:
-            saved[key] = fresh[key]
+        if key not in saved or any(o.lstrip("+~").split("=", 1)[0] == key for o in rest):
+            saved[key] = fresh[key]  # a new group choice replaces the run's whole block
+    for o in rest:  # dotted overrides land on top of the run's own settings
+        path = o.lstrip("+~").split("=", 1)[0]
+        if "." in path and path.split(".")[0] in EVAL_KEYS:
+            OmegaConf.update(saved, path, OmegaConf.select(fresh, path), merge=False, force_add=True)
     saved.run = str(run_dir)
     validate(saved)
     return saved, run_dir
@@ -301,9 +309,96 @@ def cmd_prepare(args: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- toy
+
+def cmd_toy(args: list[str]) -> int:
+    """Zhao & Schwing's 1D/2D analysis on analytic mixtures, into a new folder under runs/."""
+    from cfgx.runs import atomic_write_json, atomic_write_text, new_run_dir, provenance
+    from cfgx.toy import run_toy
+
+    overrides = normalize_overrides(args)
+    if not _touches(overrides, "dataset"):
+        overrides = ["dataset=gmm1d", *overrides]
+    cfg = compose(overrides)
+    if cfg.dataset.name not in ("gmm1d", "gmm2d"):
+        raise CfgxError(f"cfgx toy runs on the analytic mixtures; dataset={cfg.dataset.name} is not one: use "
+                        "dataset=gmm1d or dataset=gmm2d")
+    scales = [float(s) for s in cfg.guidance.scales] if _touches(overrides, "guidance") else [1.0, 2.0, 4.0, 8.0]
+    steps = int(cfg.sampler.steps) if _touches(overrides, "sampler") else 100
+    out = new_run_dir(Path(str(cfg.paths.runs)), cfg.dataset.name, "toy")
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    import torch
+
+    atomic_write_json(out / "toy_meta.json", {"scales": scales, "sampler": cfg.sampler.name, "steps": steps,
+                                              "seed": int(cfg.seed), **provenance(torch.device("cpu"))})
+    console = _console()
+    t0 = time.perf_counter()
+    run_toy(cfg.dataset.name, out, scales=scales, sampler=str(cfg.sampler.name), steps=steps, seed=int(cfg.seed),
+            console=console)
+    console.print(f"toy analysis written to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+# ---------------------------------------------------------------- guidance classifier, postprocessor
+
+def _load_run(args: list[str], extra: list[str] | None = None):
+    from cfgx.data import build_dataset
+    from cfgx.diffusion.schedule import NoiseSchedule
+    from cfgx.runs import pick_device
+
+    cfg, run_dir = sweep_config(args + (extra or []))
+    device = pick_device(str(cfg.device))
+    data = build_dataset(cfg.dataset)
+    return cfg, run_dir, device, data, NoiseSchedule.from_config(cfg.diffusion)
+
+
+def cmd_train_classifier(args: list[str]) -> int:
+    from cfgx.backbones.noisy_classifier import get_guidance_classifier
+    from cfgx.sweep import guidance_classifier_options
+
+    cfg, run_dir, device, data, schedule = _load_run(args)
+    console = _console()
+    _, info = get_guidance_classifier(run_dir, data, schedule, device, guidance_classifier_options(cfg), console)
+    console.print(f"guidance classifier for {run_dir}: noisy held-out accuracy by t "
+                  f"{json.dumps(info.get('val_accuracy'))} ({'cached' if info.get('cached') else 'trained'})")
+    return 0
+
+
+def cmd_postprocess(args: list[str]) -> int:
+    from cfgx.diffusion.samplers import build_sampler
+    from cfgx.postprocess import train_postprocessor
+    from cfgx.train import load_ema_model
+
+    extra = [] if _touches(normalize_overrides(args), "postprocess") else ["postprocess=flow"]
+    cfg, run_dir, device, data, schedule = _load_run(args, extra)
+    if cfg.postprocess.name == "none":
+        raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")
+    console = _console()
+    model, step = load_ema_model(run_dir, cfg, data, schedule, device)
+    sampler = build_sampler(cfg.sampler.name, schedule, int(cfg.sampler.steps), float(cfg.sampler.eta),
+                            clip_x0=data.clip)
+    post = OmegaConf.to_container(cfg.postprocess, resolve=True)
+    feature_fn = None
+    if post.get("nn_space") in ("classifier", "inception"):
+        from cfgx.metrics.suite import EvalSuite
+
+        suite = EvalSuite(cfg, data, device, console)
+        key = "clf_feats" if post["nn_space"] == "classifier" else "inc_pool"
+        if post["nn_space"] == "inception" and suite.inception is None:
+            raise CfgxError("postprocess.nn_space=inception needs Inception features; add "
+                            "eval.features=[classifier,inception]")
+        feature_fn = lambda x: suite.extract(x)[key]  # noqa: E731
+    info = train_postprocessor(post, run_dir, data, model, schedule, sampler, device, console, feature_fn)
+    console.print(f"postprocessor for {run_dir} (checkpoint step {step}) ready: "
+                  f"{info.get('train_seconds', 0):.0f}s training; evaluate with "
+                  f"'cfgx sweep postprocess=flow run={run_dir}'")
+    return 0
+
+
 # ---------------------------------------------------------------- entry
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "prepare": cmd_prepare}
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "prepare": cmd_prepare, "toy": cmd_toy,
+            "train-classifier": cmd_train_classifier, "postprocess": cmd_postprocess}
 
 
 def _fail(e: CfgxError) -> None:

@@ -118,6 +118,12 @@ def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def guidance_classifier_options(cfg: DictConfig) -> dict[str, Any]:
+    """guidance.classifier with unset (null) options dropped, so per-data-kind defaults apply."""
+    opts = OmegaConf.to_container(cfg.guidance.classifier, resolve=True) if "classifier" in cfg.guidance else {}
+    return {k: v for k, v in (opts or {}).items() if v is not None}
+
+
 class Sweeper:
     """Samples, featurises and scores one run at many scales; holds what all scales share."""
 
@@ -137,17 +143,25 @@ class Sweeper:
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.guide_clf = None
         self.guide_info: dict[str, Any] = {}
+        self.method_tag = self.method
         if self.method == "classifier":
             from cfgx.backbones.noisy_classifier import get_guidance_classifier
 
-            self.guide_clf, self.guide_info = get_guidance_classifier(
-                self.run_dir, data, self.schedule, device,
-                OmegaConf.to_container(cfg.guidance.classifier, resolve=True), console)
+            self.guide_clf, info = get_guidance_classifier(self.run_dir, data, self.schedule, device,
+                                                           guidance_classifier_options(cfg), console)
+            # Rows from a differently trained guidance classifier are other rows.
+            self.method_tag = f"classifier-{str(info.get('key'))[:6]}"
+            self.guide_info = {"guidance_classifier": info.get("key"),
+                               "guidance_classifier_val_acc": json.dumps(info.get("val_accuracy"))}
         self.post = None
+        self.post_tag = "none"
         if self.postprocess != "none":
-            from cfgx.postprocess import load_postprocessor
+            from cfgx.postprocess import FlowPostprocessor
 
-            self.post = load_postprocessor(cfg, self.run_dir, data, device)
+            self.post = FlowPostprocessor.load(self.run_dir, data, device,
+                                               OmegaConf.to_container(cfg.postprocess, resolve=True))
+            # The row key names the integration too: other apply settings are other rows.
+            self.post_tag = f"{self.postprocess}-{self.post.method}{self.post.steps}"
         self.suite = EvalSuite(cfg, data, device, console)
         self.fid_warned = False
 
@@ -163,8 +177,9 @@ class Sweeper:
         out_rows: list[dict[str, Any]] = []
         variants = ["none"] + ([self.postprocess] if self.post is not None else [])
         for s in scales:
-            keys = {v: row_key(self.method, v, self.sampler.name, len(self.sampler.timesteps),
-                               self.sampler.eta, self.n, self.seed, self.blocks, self.ckpt_step, s)
+            keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, self.sampler.name,
+                               len(self.sampler.timesteps), self.sampler.eta, self.n, self.seed, self.blocks,
+                               self.ckpt_step, s)
                     for v in variants}
             overwrite = bool(self.cfg.eval.overwrite)
             todo = [v for v in variants if overwrite or not (rows_dir / f"{keys[v]}.json").is_file()]
@@ -189,7 +204,7 @@ class Sweeper:
                             x_cache, base_t = batch.x, {"seconds": batch.seconds, "nfe": batch.nfe}
                         x, tinfo = x_cache, dict(base_t)
                         if v != "none":
-                            x, extra_nfe, secs = self.post.apply(x_cache, self.labels)
+                            x, extra_nfe, secs = self.post.apply(x_cache, self.labels, scale=s)
                             tinfo = {"seconds": base_t["seconds"] + secs, "nfe": base_t["nfe"] + extra_nfe,
                                      "post_seconds": secs, "post_nfe": extra_nfe}
                         feats = self.suite.extract(x)

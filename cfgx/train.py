@@ -110,7 +110,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["rng"]["gen"].cpu() if device.type == "cpu" else ckpt["rng"]["gen"])
+        gen.set_state(ckpt["rng"]["gen"].cpu())  # generator states are CPU byte tensors, even for CUDA
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())

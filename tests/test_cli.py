@@ -78,8 +78,11 @@ def test_sweep_keeps_the_runs_training_config(tiny_run):
     cfg, run_dir = sweep_config(["guidance=5", f"run={tiny_run}", "sampler=ddpm", "sampler.steps=3"])
     assert run_dir == tiny_run
     assert cfg.backbone.ch == 8 and cfg.train.steps == 12       # from the run
-    assert list(cfg.guidance.scales) == [5.0] and cfg.sampler.name == "ddpm"
+    assert list(cfg.guidance.scales) == [5.0] and cfg.sampler.name == "ddpm" and cfg.sampler.steps == 3
     assert cfg.eval.num_samples == 40                           # untouched: the run's own
+    # A dotted eval override changes that key only; the rest of the run's eval block stays.
+    cfg, _ = sweep_config(["guidance=5", f"run={tiny_run}", "eval.num_samples=7"])
+    assert cfg.eval.num_samples == 7 and cfg.eval.classifier.steps == 150 and cfg.eval.batch_size == 20
 
 
 def test_train_cli_end_to_end_and_rerun_resumes(workdir):
