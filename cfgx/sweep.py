@@ -160,8 +160,8 @@ class Sweeper:
 
             self.post = FlowPostprocessor.load(self.run_dir, data, device,
                                                OmegaConf.to_container(cfg.postprocess, resolve=True))
-            # The row key names the integration too: other apply settings are other rows.
-            self.post_tag = f"{self.postprocess}-{self.post.method}{self.post.steps}"
+            # The tag hashes every training and apply setting: a retrained flow never reuses old rows.
+            self.post_tag = self.post.tag
         self.suite = EvalSuite(cfg, data, device, console)
         self.fid_warned = False
 
@@ -249,6 +249,8 @@ class Sweeper:
         total = self.n * self.blocks
         row: dict[str, Any] = {"s": s, "w_ho": s - 1.0, "method": self.method, "postprocess": postprocess}
         row.update({k: _clean(v) for k, v in m.items()})
+        if postprocess != "none" and self.post is not None:
+            row.update(self.post.row_fields())
         row.update({
             "sampler": self.sampler.name, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
             "nfe": nfe, "postprocess_nfe": post_nfe, "postprocess_seconds": post_s,

@@ -44,18 +44,18 @@ def test_cond_drop_shorthand():
 
 def test_default_is_digits_tiny():
     cfg = compose([])
-    assert cfg.dataset.name == "digits" and cfg.backbone.ch == 32
+    assert cfg.dataset.name == "digits" and cfg.backbone.ch == 24 and cfg.eval.num_samples == 500
     assert list(cfg.guidance.scales) == [0, 1, 3, 7]
     validate(cfg)
 
 
 def test_dataset_selects_its_recipe_and_user_overrides_win():
     cfg = compose(["dataset=cifar10"])
-    assert cfg.backbone.ch == 128 and list(cfg.backbone.ch_mult) == [1, 2, 2, 2]
+    assert cfg.backbone.ch == 128 and list(cfg.backbone.ch_mult) == [1, 2, 2, 2] and cfg.eval.num_samples == 10000
     assert list(cfg.backbone.attn_resolutions) == [16] and cfg.backbone.dropout == 0.1
     assert cfg.train.batch_size == 128 and cfg.train.lr == 2e-4 and cfg.train.ema_decay == 0.9999
     cfg = compose(["dataset=cifar10", "backbone=tiny", "train.steps=7", "train.batch_size=32"])
-    assert cfg.backbone.ch == 32 and cfg.train.steps == 7 and cfg.train.batch_size == 32
+    assert cfg.backbone.ch == 24 and cfg.train.steps == 7 and cfg.train.batch_size == 32
     assert compose(["dataset=mnist"]).backbone.ch == 64
 
 
