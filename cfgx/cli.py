@@ -369,7 +369,8 @@ def cmd_postprocess(args: list[str]) -> int:
     from cfgx.postprocess import train_postprocessor
     from cfgx.train import load_ema_model
 
-    extra = [] if _touches(normalize_overrides(args), "postprocess") else ["postprocess=flow"]
+    chosen = any(o.lstrip("+~").split("=", 1)[0] == "postprocess" for o in normalize_overrides(args))
+    extra = [] if chosen else ["postprocess=flow"]
     cfg, run_dir, device, data, schedule = _load_run(args, extra)
     if cfg.postprocess.name == "none":
         raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")

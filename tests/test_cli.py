@@ -56,7 +56,8 @@ def test_tiny_run_writes_a_self_describing_run_dir(tiny_run):
     for r in rows:
         assert float(r["w_ho"]) == float(r["s"]) - 1
         for col in ("accuracy", "fd_classifier", "diversity_within_class", "sampler", "steps", "nfe",
-                    "num_samples", "seconds", "samples_per_s", "checkpoint_step", "extractor"):
+                    "num_samples", "seconds", "samples_per_s", "checkpoint_step", "extractor_classifier",
+                    "eval_classifier_acc", "config_hash", "device", "precision", "recall", "vendi"):
             assert r[col] != "", col
     assert [int(r["nfe"]) for r in rows] == [4, 4, 8]
     assert len(list((tiny_run / "sweep" / "grids").glob("*.png"))) == 3

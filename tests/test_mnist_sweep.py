@@ -16,7 +16,7 @@ import time
 import pytest
 from conftest import REPO
 
-pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+pytestmark = pytest.mark.shared_data
 
 COLUMNS = ["s", "w_ho", "accuracy", "fd_classifier", "diversity_within_class", "fid", "fid_comparable", "kid_mean",
            "kid_std", "is_mean", "is_available", "precision", "recall", "density", "coverage", "vendi",
