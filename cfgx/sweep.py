@@ -36,10 +36,14 @@ def scale_tag(s: float) -> str:
 
 
 def row_key(method: str, postprocess: str, sampler: str, steps: int, eta: float, n: int, seed: int,
-            blocks: int, ckpt_step: int, scale: float) -> str:
-    """File name of a row: every choice that changes the samples is in it."""
+            blocks: int, ckpt_step: int, scale: float, batch_size: int) -> str:
+    """File name of a row: every choice that changes the samples is in it.
+
+    The batch size is one: noise is drawn per batch (paired across scales), so
+    another batch size draws other noise.
+    """
     b = f"-b{blocks}" if blocks > 1 else ""
-    return (f"{method}-{postprocess}-{sampler}{steps}-eta{scale_tag(eta)}-n{n}-seed{seed}{b}-"
+    return (f"{method}-{postprocess}-{sampler}{steps}-eta{scale_tag(eta)}-n{n}-bs{batch_size}-seed{seed}{b}-"
             f"step{ckpt_step}-s{scale_tag(scale)}")
 
 
@@ -179,7 +183,7 @@ class Sweeper:
         for s in scales:
             keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, self.sampler.name,
                                len(self.sampler.timesteps), self.sampler.eta, self.n, self.seed, self.blocks,
-                               self.ckpt_step, s)
+                               self.ckpt_step, s, self.bs)
                     for v in variants}
             overwrite = bool(self.cfg.eval.overwrite)
             todo = [v for v in variants if overwrite or not (rows_dir / f"{keys[v]}.json").is_file()]
@@ -254,7 +258,7 @@ class Sweeper:
         row.update({
             "sampler": self.sampler.name, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
             "nfe": nfe, "postprocess_nfe": post_nfe, "postprocess_seconds": post_s,
-            "num_samples": self.n, "seed_blocks": self.blocks, "seed": self.seed,
+            "num_samples": self.n, "seed_blocks": self.blocks, "seed": self.seed, "batch_size": self.bs,
             "seconds": round(seconds * (self.blocks if self.blocks > 1 else 1), 3),
             "samples_per_s": round(total / (seconds * self.blocks), 2) if seconds > 0 else None,
             "checkpoint_step": self.ckpt_step, **self.suite.info, **self.guide_info,
@@ -268,7 +272,7 @@ class Sweeper:
         if row.get("fid") is not None:
             bits.append(f"FID {row['fid']:.2f}")
         if row["postprocess"] != "none":
-            bits.insert(1, f"[{row['postprocess']}]")
+            bits.insert(1, f"\\[{row['postprocess']}]")  # escaped: rich would read [flow] as markup
         bits.append(f"{row['samples_per_s'] or 0:.1f} samples/s")
         self._say("  ".join(bits))
         if row.get("fid_comparable") is False and not self.fid_warned:

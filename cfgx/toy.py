@@ -21,10 +21,9 @@ between panels are guidance alone, not learning error of a denoiser.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from cfgx.backbones.toy_classifiers import (
     MLPNoisyClassifier,
     train_noisy_classifier,
 )
+from cfgx.cpu import torch_threads
 from cfgx.data.gmm import GaussianMixture, gmm1d, gmm2d
 from cfgx.diffusion.guidance import cfg_eps, cg_eps
 from cfgx.diffusion.samplers import Sampler, build_sampler
@@ -53,18 +53,6 @@ DELTA_REL_1D = 0.5
 # Logit-margin threshold in 2D, the same default as the sweep's boundary statistics.
 DELTA_MARGIN_2D = 1.0
 CLASS_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown")
-
-
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    # Every tensor here is [n, <=2]: intra-op threads cost more in synchronisation than they save,
-    # and the machine is shared. Restored afterwards so the caller's setting is untouched.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _say(console, msg: str) -> None:
@@ -355,7 +343,7 @@ def run_toy(dataset: str, out_dir: Path, scales: list[float] = [1, 2, 4, 8], sam
     except ValueError as e:
         raise CfgxError(f"{e}; fix the toy sampler/steps options") from None
     t0 = time.perf_counter()
-    with _single_thread():
+    with torch_threads(1):
         if dataset == "gmm1d":
             body = _run_1d(out_dir, scales, smp, schedule, n_paths, seed, classifier_steps, n_plot, mus,
                            console)

@@ -32,13 +32,7 @@ from cfgx.errors import CfgxError
 SCHEDULE = NoiseSchedule("linear", 1000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Batches here are tiny (D <= 2); intra-op threads only add contention on a 2-core box.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(mixture: GaussianMixture, sampler: str, scale: float, y: torch.Tensor, steps: int = 100,

@@ -32,13 +32,7 @@ CPU = torch.device("cpu")
 TINY_CCFG = {"width": 8, "steps": 40, "batch_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 8x8 inputs: intra-op threads only add contention on a shared 2-core box.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

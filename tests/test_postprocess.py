@@ -25,14 +25,7 @@ from cfgx.postprocess import (
 )
 from cfgx.sample import balanced_labels, generate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These nets are tiny: on 2 shared cores, intra-op threading costs ~10x in spin-waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:

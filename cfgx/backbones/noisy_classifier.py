@@ -16,11 +16,9 @@ separate training run, and it sees noised inputs while the evaluator sees clean 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from torch.nn import functional as F
 
 from cfgx.backbones.toy_classifiers import MLPNoisyClassifier, train_noisy_classifier
 from cfgx.backbones.unet import ResBlock, _norm, timestep_embedding
+from cfgx.cpu import torch_threads
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
@@ -93,23 +92,9 @@ class NoisyImageClassifier(nn.Module):
         return self.head(h)
 
 
-@contextlib.contextmanager
-def _small_cpu_threads(device: torch.device, resolution: int) -> Iterator[None]:
-    """One intra-op thread for small inputs on CPU (toy vectors: resolution 0), restored afterwards.
-
-    At 8x8 the convolutions are too small to gain from threads, and on a shared
-    machine OpenMP workers spin-wait: 300 steps took 9 s on one thread and 87 s on
-    two under load. Larger images keep the caller's setting.
-    """
-    if device.type != "cpu" or resolution > 16:
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
+def _small_cpu_threads(device: torch.device, resolution: int):
+    """One intra-op thread for small inputs on CPU (toy vectors: resolution 0); see cfgx.cpu."""
+    return torch_threads(1 if device.type == "cpu" and resolution <= 16 else None)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):

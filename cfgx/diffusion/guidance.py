@@ -14,7 +14,7 @@ Classifier contract (classifier guidance): ``classifier(x_t, t) -> logits``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -9,7 +9,7 @@ guidance scales: the same generator state gives the same noise at every scale.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -55,6 +55,6 @@ class NoiseSchedule:
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     @classmethod
-    def from_config(cls, cfg) -> "NoiseSchedule":
+    def from_config(cls, cfg) -> NoiseSchedule:
         return cls(kind=cfg.schedule, num_steps=cfg.num_steps, beta_start=cfg.beta_start,
                    beta_end=cfg.beta_end)
