@@ -93,3 +93,23 @@ def test_loss_decreases_on_digits(tmp_path):
 
     losses = [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_rerunning_an_interrupted_command_resumes_the_same_run_dir(tmp_path, cache_dir):
+    from cfgx.cli import train_task
+
+    overrides = SMALL + ["eval.num_samples=20", "eval.batch_size=20", "sampler.steps=2", "guidance=1",
+                         "eval.classifier.steps=150", "eval.classifier.width=8", f"paths.runs={tmp_path}"]
+
+    def crash_at_6(step):
+        if step == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_task(compose(overrides), overrides=overrides, on_step=crash_at_6)
+    runs = list((tmp_path / "digits").iterdir())
+    assert len(runs) == 1 and not (runs[0] / "metrics.csv").exists()
+    run = train_task(compose(overrides), overrides=overrides)
+    assert run == runs[0] and len(list((tmp_path / "digits").iterdir())) == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 10
+    assert (run / "metrics.csv").is_file()
