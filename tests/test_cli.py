@@ -108,6 +108,9 @@ def test_multirun_over_cond_drop(workdir):
     assert len(runs) == 2
     drops = sorted(OmegaConf.load(r / "config.yaml").cond_drop.p for r in runs)
     assert drops == [0.0, 0.2]
+    # Hydra's record of the sweep lands under runs/multirun/, not in the user's working directory.
+    assert not (workdir / "multirun.yaml").exists()
+    assert len(list((workdir / "runs" / "multirun").glob("*/multirun.yaml"))) == 1
 
 
 BAD_TRAIN = [
