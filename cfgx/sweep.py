@@ -36,15 +36,18 @@ def scale_tag(s: float) -> str:
 
 
 def row_key(method: str, postprocess: str, sampler: str, steps: int, eta: float, n: int, seed: int,
-            blocks: int, ckpt_step: int, scale: float, batch_size: int) -> str:
-    """File name of a row: every choice that changes the samples is in it.
+            blocks: int, ckpt_step: int, scale: float, batch_size: int, metrics: str = "") -> str:
+    """File name of a row (or, without ``metrics``, of its samples' cached features).
 
-    The batch size is one: noise is drawn per batch (paired across scales), so
-    another batch size draws other noise.
+    Every choice that changes the samples is in it; the batch size too, since noise
+    is drawn per batch (paired across scales). ``metrics`` hashes what the numbers
+    depend on besides the samples (reference set, metric settings), so another
+    reference makes another row but reuses the cached features.
     """
     b = f"-b{blocks}" if blocks > 1 else ""
+    m = f"-m{metrics}" if metrics else ""
     return (f"{method}-{postprocess}-{sampler}{steps}-eta{scale_tag(eta)}-n{n}-bs{batch_size}-seed{seed}{b}-"
-            f"step{ckpt_step}-s{scale_tag(scale)}")
+            f"step{ckpt_step}{m}-s{scale_tag(scale)}")
 
 
 def save_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int, path: Path) -> torch.Tensor:
@@ -167,6 +170,7 @@ class Sweeper:
             # The tag hashes every training and apply setting: a retrained flow never reuses old rows.
             self.post_tag = self.post.tag
         self.suite = EvalSuite(cfg, data, device, console)
+        self.metrics_hash = self.suite.settings_hash()
         self.fid_warned = False
 
     def _samples(self, scale: float, block: int):
@@ -181,9 +185,12 @@ class Sweeper:
         out_rows: list[dict[str, Any]] = []
         variants = ["none"] + ([self.postprocess] if self.post is not None else [])
         for s in scales:
-            keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, self.sampler.name,
-                               len(self.sampler.timesteps), self.sampler.eta, self.n, self.seed, self.blocks,
-                               self.ckpt_step, s, self.bs)
+            # Features depend on the samples only; a row also on the reference set and metric settings.
+            common = (self.sampler.name, len(self.sampler.timesteps), self.sampler.eta, self.n, self.seed,
+                      self.blocks, self.ckpt_step, s, self.bs)
+            sample_keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, *common)
+                           for v in variants}
+            keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, *common, self.metrics_hash)
                     for v in variants}
             overwrite = bool(self.cfg.eval.overwrite)
             todo = [v for v in variants if overwrite or not (rows_dir / f"{keys[v]}.json").is_file()]
@@ -197,7 +204,7 @@ class Sweeper:
             for b in range(self.blocks):
                 x_cache: torch.Tensor | None = None
                 for v in todo:
-                    fpath = feat_dir / f"{keys[v]}-block{b}.pt"
+                    fpath = feat_dir / f"{sample_keys[v]}-block{b}.pt"
                     feats = None
                     if fpath.is_file() and not bool(self.cfg.eval.overwrite):
                         blob = torch.load(fpath, map_location="cpu", weights_only=False)

@@ -166,3 +166,20 @@ def test_subprocess_errors_have_no_traceback(workdir):
     assert_one_line_error(run_cli(["train", "dataset=nope"], workdir), "unknown dataset")
     assert_one_line_error(run_cli(["frobnicate"], workdir), "unknown command")
     assert not (workdir / "runs").exists()
+
+
+def test_other_reference_set_makes_new_rows_without_resampling(tiny_run, workdir, capsys):
+    import shutil
+
+    run = workdir / "refrun"
+    shutil.copytree(tiny_run, run)
+    feats_before = sorted(p.name for p in (run / "sweep" / "features").glob("*.pt"))
+    assert main(["sweep", "guidance=0,1,3", f"run={run}", "eval.real_split=test"]) == 0
+    out = capsys.readouterr().out
+    assert "already in the table" not in out
+    rows = json.loads((run / "metrics.json").read_text())
+    refs = sorted({r["real_reference"].split(" ")[0] for r in rows})
+    assert refs == ["digits:test", "digits:train"]
+    # Same samples, so the cached features were reused: no new feature files.
+    assert sorted(p.name for p in (run / "sweep" / "features").glob("*.pt")) == feats_before
+    assert main(["sweep", "guidance=1", f"run={run}", "eval.real_split=validation"]) == 2

@@ -61,13 +61,19 @@ class EvalSuite:
         self.kid_subsets = int(OmegaConf.select(cfg, "eval.kid_subsets", default=100))
         self.kid_subset_size = int(OmegaConf.select(cfg, "eval.kid_subset_size", default=1000))
         n_real = int(OmegaConf.select(cfg, "eval.real_samples", default=10000))
-        real_x, real_y = stack_dataset(data.train)
+        self.split = str(OmegaConf.select(cfg, "eval.real_split", default="train"))
+        if self.split not in ("train", "test"):
+            raise CfgxError(f"eval.real_split={self.split!r}; valid: train, test")
+        if self.split == "test" and data.test is None:
+            raise CfgxError(f"{data.name} has no test split; use eval.real_split=train (or give the "
+                            "image folder a dataset.test_root)")
+        real_x, real_y = stack_dataset(data.train if self.split == "train" else data.test)
         if len(real_y) > n_real:  # a fixed, seeded subset: the same for every run of this dataset
             idx = torch.randperm(len(real_y), generator=torch.Generator().manual_seed(0))[:n_real]
             real_x, real_y = real_x[idx], real_y[idx]
         self.n_real = len(real_y)
         self.real_y = real_y
-        self.info: dict[str, Any] = {"real_reference": f"{data.name}:train ({self.n_real})"}
+        self.info: dict[str, Any] = {"real_reference": f"{data.name}:{self.split} ({self.n_real})"}
 
         if data.is_image:
             from cfgx.metrics.eval_classifier import get_eval_classifier
@@ -85,6 +91,16 @@ class EvalSuite:
         self.inception = None
         if "inception" in self.spaces:
             self._prepare_inception(cfg, real_x)
+
+    def settings_hash(self) -> str:
+        """Short hash of everything besides the samples that a row's numbers depend on."""
+        import hashlib
+        import json
+
+        parts = {"spaces": self.spaces, "split": self.split, "n_real": self.n_real, "delta": self.delta,
+                 "pr_k": self.pr_k, "dc_k": self.dc_k, "kid": [self.kid_subsets, self.kid_subset_size],
+                 "extractors": {k: v for k, v in self.info.items() if k != "eval_classifier_acc"}}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
     # ------------------------------------------------------------------ features
 
@@ -108,7 +124,7 @@ class EvalSuite:
         prov = self.inception.provenance()
         self.info.update({"extractor_inception": prov["extractor"], "inception_weights": prov["weights_sha256"]})
         cache = FeatureCache(cfg.paths.cache)
-        key = cache.key(dataset=self.data.name, split="train", resolution=self.data.resolution,
+        key = cache.key(dataset=self.data.name, split=self.split, resolution=self.data.resolution,
                         channels=self.data.channels, n_real=self.n_real, subset_seed=0,
                         root=str(OmegaConf.select(cfg, "dataset.root", default=None)), **prov)
         hit = cache.load(key)
