@@ -237,8 +237,9 @@ class Sweeper:
             title = (f"{self.data.name}: {self.method} guidance, same seeds at every scale; rows are classes"
                      + ("" if v == "none" else f"; postprocess={v}"))
             save_side_by_side(g, self.run_dir / ("samples.png" if v == "none" else f"samples_{v}.png"), title)
-        write_tables(load_rows(self.run_dir), self.run_dir)
-        plot_run(load_rows(self.run_dir), self.run_dir)
+        all_rows = load_rows(self.run_dir)  # every sweep of this run, not just this one
+        write_tables(all_rows, self.run_dir)
+        plot_run(all_rows, self.run_dir)
         return out_rows
 
     def _grid_labels(self) -> torch.Tensor:

@@ -183,3 +183,19 @@ def test_other_reference_set_makes_new_rows_without_resampling(tiny_run, workdir
     # Same samples, so the cached features were reused: no new feature files.
     assert sorted(p.name for p in (run / "sweep" / "features").glob("*.pt")) == feats_before
     assert main(["sweep", "guidance=1", f"run={run}", "eval.real_split=validation"]) == 2
+
+
+def test_seed_blocks_report_mean_and_interval(tiny_run, workdir, capsys):
+    import shutil
+
+    from cfgx.sweep import mean_ci
+
+    run = workdir / "blocks"
+    shutil.copytree(tiny_run, run)
+    assert main(["sweep", "guidance=1", f"run={run}", "eval.seed_blocks=3", "eval.num_samples=20"]) == 0
+    row = next(r for r in json.loads((run / "metrics.json").read_text()) if r["seed_blocks"] == 3)
+    assert row["accuracy_ci95"] is not None and row["fd_classifier_ci95"] > 0
+    assert len(list((run / "sweep" / "features").glob("*-b3-*block*.pt"))) == 3  # three disjoint blocks
+    # The interval is the t-interval of the block values.
+    m, ci = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(ci - 4.302653 * 1.0 / 3 ** 0.5) < 1e-5
