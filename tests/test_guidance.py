@@ -60,6 +60,23 @@ def test_guided_scale_is_one_batched_call():
     assert nfe_per_step(0) == nfe_per_step(1) == 1 and nfe_per_step(7) == 2
 
 
+def test_bf16_outputs_are_combined_in_float32():
+    """Under bf16 autocast the network answers in bf16; guidance must not round cond - uncond."""
+
+    class Bf16(torch.nn.Module):
+        num_classes = 10
+
+        def forward(self, x, t, y):  # cond = 3 + 2^-6, uncond = 3: both exact in bf16
+            return (3.0 + 2**-6 * (y < 10).float().view(-1, 1, 1, 1) + 0 * x).to(torch.bfloat16)
+
+    x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 100), torch.arange(4)
+    m = Bf16()
+    out = cfg_eps(m, x, t, y, 2.3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.full_like(out, 3.0 + 2.3 * 2**-6), rtol=0, atol=1e-6)
+    assert cfg_eps(m, x, t, y, 0.0).dtype == cfg_eps(m, x, t, y, 1.0).dtype == torch.float32
+
+
 def test_paired_seeds_same_noise_and_labels_at_every_scale():
     schedule = NoiseSchedule("linear", 1000)
     labels = torch.arange(12) % 10

@@ -34,11 +34,13 @@ def cfg_eps(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.T
     """
     null = null_labels_like(y, model.num_classes)
     if scale == 0:
-        return model(x, t, null)
+        return model(x, t, null).float()
     if scale == 1:
-        return model(x, t, y)
+        return model(x, t, y).float()
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-    cond, uncond = out.chunk(2)
+    # Under bf16 autocast the network returns bf16; the difference cond - uncond is small and
+    # multiplied by s, so combine in float32 or the rounding error grows with the scale.
+    cond, uncond = out.float().chunk(2)
     return uncond + scale * (cond - uncond)
 
 
@@ -61,9 +63,9 @@ def cg_eps(model: torch.nn.Module, classifier: torch.nn.Module, sigma_t: torch.T
     classifier and s = 1 this is the exact conditional eps.
     """
     null = null_labels_like(y, model.num_classes)
-    eps = model(x, t, null)
+    eps = model(x, t, null).float()
     if scale == 0:
         return eps
     grad = classifier_grad(classifier, x, t, y)
     sig = sigma_t.view(-1, *([1] * (x.dim() - 1)))
-    return eps - scale * sig * grad.to(eps.dtype)
+    return eps - scale * sig * grad.float()
