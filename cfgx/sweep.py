@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cfgx.config import config_hash
+from cfgx.console import say
 from cfgx.data import DatasetBundle, to_uint8
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
@@ -198,7 +199,7 @@ class Sweeper:
                 if v not in todo:
                     out_rows.append(json.loads((rows_dir / f"{keys[v]}.json").read_text()))
             if not todo:
-                self._say(f"s={s:g}: already in the table; eval.overwrite=true recomputes")
+                say(self.console, f"s={s:g}: already in the table; eval.overwrite=true recomputes")
                 continue
             per_variant: dict[str, list[dict]] = {v: [] for v in todo}
             for b in range(self.blocks):
@@ -282,15 +283,12 @@ class Sweeper:
         if row["postprocess"] != "none":
             bits.insert(1, f"\\[{row['postprocess']}]")  # escaped: rich would read [flow] as markup
         bits.append(f"{row['samples_per_s'] or 0:.1f} samples/s")
-        self._say("  ".join(bits))
+        say(self.console, "  ".join(bits))
         if row.get("fid_comparable") is False and not self.fid_warned:
             self.fid_warned = True
-            self._say(f"[yellow]note: FID from {self.n} samples (< 2048, the feature dimension) is biased and "
+            say(self.console, f"[yellow]note: FID from {self.n} samples (< 2048, the feature dimension) is biased and "
                       "not comparable with published numbers; raise eval.num_samples (50k is standard)")
 
-    def _say(self, msg: str) -> None:
-        if self.console is not None:
-            self.console.print(msg)
 
 
 def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.nn.Module, ckpt_step: int,

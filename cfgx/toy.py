@@ -35,6 +35,7 @@ from cfgx.backbones.toy_classifiers import (
     MLPNoisyClassifier,
     train_noisy_classifier,
 )
+from cfgx.console import say
 from cfgx.cpu import torch_threads
 from cfgx.data.gmm import GaussianMixture, gmm1d, gmm2d
 from cfgx.diffusion.guidance import cfg_eps, cg_eps
@@ -53,11 +54,6 @@ DELTA_REL_1D = 0.5
 # Logit-margin threshold in 2D, the same default as the sweep's boundary statistics.
 DELTA_MARGIN_2D = 1.0
 CLASS_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown")
-
-
-def _say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)
 
 
 def _run_paths(eps_fn, sampler: Sampler, n: int, dim: int, seed: int) -> torch.Tensor:
@@ -226,7 +222,7 @@ def _run_1d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: Nois
         name = f"trajectories_1d_mu{mu:g}.png"
         _plot_1d(out_dir / name, float(mu), times, trajs, y, scales, min(n_plot, n_paths))
         files.append(name)
-        _say(console, f"gmm1d μ={mu:g}: wrote {name}")
+        say(console, f"gmm1d μ={mu:g}: wrote {name}")
     return {"rows": rows, "classifier_accuracy": clf_acc, "files": files,
             "delta": f"{DELTA_REL_1D:g}*mu (|x| below it counts as near the boundary x=0)",
             "std": STD_1D, "mus": [float(m) for m in mus]}
@@ -308,7 +304,7 @@ def _run_2d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: Nois
                          "confidence": round(b["confidence"], 5),
                          "mean_radius": round(float(x.norm(dim=1).mean()), 5)})
     _plot_2d(out_dir / "samples_2d.png", mixture, finals, y, scales)
-    _say(console, "gmm2d: wrote samples_2d.png")
+    say(console, "gmm2d: wrote samples_2d.png")
     return {"rows": rows, "classifier_accuracy": acc, "files": ["samples_2d.png"],
             "delta": f"clean-posterior logit margin < {DELTA_MARGIN_2D:g} counts as near the boundary"}
 

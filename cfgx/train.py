@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cfgx.backbones import build_backbone, count_parameters
+from cfgx.console import progress_bar, say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
@@ -115,7 +116,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         step = int(ckpt["step"])
-        _say(console, f"resuming {run_dir} from step {step}/{steps}")
+        say(console, f"resuming {run_dir} from step {step}/{steps}")
 
     def save() -> None:
         atomic_torch_save(ckpt_dir / CKPT_NAME, {
@@ -125,14 +126,14 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         })
 
-    _say(console, f"training {count_parameters(model) / 1e6:.2f}M-parameter {cfg.backbone.name} on "
+    say(console, f"training {count_parameters(model) / 1e6:.2f}M-parameter {cfg.backbone.name} on "
                   f"{data.name} ({n} images) for {steps} steps, batch {bs}, cond_drop {cfg.cond_drop.p}, "
                   f"device {device}{', bf16' if use_bf16 else ''}")
     log = open(Path(run_dir) / "train_log.jsonl", "a")
     model.train()
     t_start = time.perf_counter()
     t_last, loss_acc, n_acc, step0 = t_start, 0.0, 0, step
-    progress = _progress(console, steps, step)
+    progress = progress_bar(console, "train", "{task.fields[ips]:.0f} img/s")
     try:
         with progress:
             task = progress.add_task("train", total=steps, completed=step, loss=float("nan"), ips=0.0)
@@ -179,20 +180,6 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     log.close()
     seconds = time.perf_counter() - t_start
     img_s = (step - step0) * bs / seconds if seconds > 0 else 0.0
-    _say(console, f"trained to step {step} in {seconds:.1f}s ({img_s:.0f} img/s)")
+    say(console, f"trained to step {step} in {seconds:.1f}s ({img_s:.0f} img/s)")
     out = ema.module.eval()
     return TrainResult(out, step, img_s, seconds)
-
-
-def _say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)
-
-
-def _progress(console, total: int, done: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
-                    TimeRemainingColumn(), console=console, transient=False,
-                    disable=console is None or not console.is_terminal)

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from cfgx.backbones.toy_classifiers import MLPNoisyClassifier, train_noisy_classifier
 from cfgx.backbones.unet import ResBlock, _norm, timestep_embedding
+from cfgx.console import say
 from cfgx.cpu import torch_threads
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
@@ -184,8 +185,8 @@ def _fit(model: nn.Module, opt: torch.optim.Optimizer, sched, x: torch.Tensor, y
         sched.step()
         cur = loss.detach().item()
         ema_loss = cur if step == 0 else 0.95 * ema_loss + 0.05 * cur
-        if console is not None and (step + 1) % max(steps // 4, 1) == 0:
-            console.print(f"  guidance classifier step {step + 1}/{steps}: loss {ema_loss:.3f}")
+        if (step + 1) % max(steps // 4, 1) == 0:
+            say(console, f"  guidance classifier step {step + 1}/{steps}: loss {ema_loss:.3f}")
     return ema_loss, time.perf_counter() - t0
 
 
@@ -273,21 +274,17 @@ def get_guidance_classifier(run_dir: Path, data: DatasetBundle, schedule: NoiseS
                 model.load_state_dict(blob["state"])
                 model.to(device).eval().requires_grad_(False)
                 return model, {**blob["info"], "cached": True}
-            if console is not None:
-                console.print(f"guidance classifier at {path} was trained with other options; retraining")
+            say(console, f"guidance classifier at {path} was trained with other options; retraining")
         except Exception:
-            if console is not None:
-                console.print(f"[yellow]guidance classifier cache {path} unreadable; retraining")
-    if console is not None:
-        kind = "image encoder" if data.is_image else "MLP"
-        console.print(f"training the guidance classifier ({kind}, {cfg['steps']} steps) for {data.name}")
+            say(console, f"[yellow]guidance classifier cache {path} unreadable; retraining")
+    kind = "image encoder" if data.is_image else "MLP"
+    say(console, f"training the guidance classifier ({kind}, {cfg['steps']} steps) for {data.name}")
     model, info = _train(data, schedule, cfg, device, console)
     info = {**info, "key": key, "version": VERSION, "config": cfg, "path": str(path),
             "architecture": type(model).__name__}
     atomic_torch_save(path, {"key": key, "config": cfg, "info": info,
                              "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
     model.to(device).eval().requires_grad_(False)
-    if console is not None:
-        accs = ", ".join(f"t={t}: {a:.2f}" for t, a in info["val_accuracy"].items())
-        console.print(f"guidance classifier held-out accuracy {accs} (chance {info['chance']:.2f})")
+    accs = ", ".join(f"t={t}: {a:.2f}" for t, a in info["val_accuracy"].items())
+    say(console, f"guidance classifier held-out accuracy {accs} (chance {info['chance']:.2f})")
     return model, {**info, "cached": False}

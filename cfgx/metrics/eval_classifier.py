@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
 from cfgx.runs import atomic_torch_save
@@ -118,10 +119,8 @@ def get_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root:
             model.load_state_dict(blob["state"])
             return model.to(device).eval(), blob["info"]
         except Exception:
-            if console is not None:
-                console.print(f"[yellow]cached evaluation classifier {path} unreadable; retraining")
-    if console is not None:
-        console.print(f"training the evaluation classifier for {data.name} (cached at {path})")
+            say(console, f"[yellow]cached evaluation classifier {path} unreadable; retraining")
+    say(console, f"training the evaluation classifier for {data.name} (cached at {path})")
     model, acc = train_eval_classifier(data, ccfg, device, console=console)
     info = {"key": key, "held_out_accuracy": acc, "version": VERSION, "path": str(path),
             "feature_dim": model.feature_dim}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats, classifier_metrics
@@ -129,7 +130,7 @@ class EvalSuite:
                         root=str(OmegaConf.select(cfg, "dataset.root", default=None)), **prov)
         hit = cache.load(key)
         if hit is None:
-            self._say(f"computing Inception features of {self.n_real} real images (cached for every run "
+            say(self.console, f"computing Inception features of {self.n_real} real images (cached for every run "
                       f"and scale: {cache.path(key)})")
             f = self.inception(to_uint8(real_x))
             hit = {"pool": f.pool}
@@ -180,10 +181,6 @@ class EvalSuite:
                     for c in range(self.data.num_classes) if int((real_y == c).sum()) > dim]
             row["fd_classifier_per_class"] = sum(vals) / len(vals) if vals else None
         return row
-
-    def _say(self, msg: str) -> None:
-        if self.console is not None:
-            self.console.print(msg)
 
 
 __all__ = ["EvalSuite", "resolve_feature_spaces", "boundary_stats"]

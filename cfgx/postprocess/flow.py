@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cfgx.console import progress_bar, say
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
 from cfgx.runs import atomic_torch_save, atomic_write_json
@@ -310,7 +311,7 @@ def train_flow(net: nn.Module, x_hat: torch.Tensor, targets: torch.Tensor, label
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["rng"]["gen"].cpu() if device.type == "cpu" else ckpt["rng"]["gen"])
         step = int(ckpt["step"])
-        _say(console, f"resuming the flow postprocessor from step {step}/{steps}")
+        say(console, f"resuming the flow postprocessor from step {step}/{steps}")
 
     losses: list[float] = list(ckpt.get("losses", [])) if step else []
 
@@ -326,7 +327,7 @@ def train_flow(net: nn.Module, x_hat: torch.Tensor, targets: torch.Tensor, label
     acc, n_acc = 0.0, 0
     log_every = max(1, min(100, steps // 20 or 1))
     try:
-        with _progress(console, steps) as progress:
+        with progress_bar(console, "postprocess") as progress:
             task = progress.add_task("flow", total=steps, completed=step, loss=float("nan"))
             while step < steps:
                 idx = _batch_indices(step, n, int(batch_size), int(seed)).to(device)
@@ -567,7 +568,7 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
         from cfgx.train import load_checkpoint
 
         pairs = load_checkpoint(pairs_path)
-        _say(console, f"reusing {len(pairs['labels'])} generated pairs from {pairs_path}")
+        say(console, f"reusing {len(pairs['labels'])} generated pairs from {pairs_path}")
     else:
         labels = balanced_labels(int(c["samples_per_scale"]), data.num_classes)
         xs, ys, ss = [], [], []
@@ -581,7 +582,7 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
             xs.append(_quantize(batch.x, data))
             ys.append(batch.y)
             ss.append(torch.full((len(batch.y),), s))
-            _say(console, f"generated {len(batch.y)} samples at s={s:g} ({batch.seconds:.1f}s)")
+            say(console, f"generated {len(batch.y)} samples at s={s:g} ({batch.seconds:.1f}s)")
         x_hat_q, y_all, s_all = torch.cat(xs), torch.cat(ys), torch.cat(ss)
         t_knn = time.perf_counter()
         real_feats = _features(real_x, feature_fn, 1024)
@@ -591,7 +592,7 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
         pairs = {"x_hat": x_hat_q, "labels": y_all, "scales": s_all, "target_idx": idx,
                  "gen_seconds": round(gen_seconds, 3), "knn_seconds": round(time.perf_counter() - t_knn, 3)}
         atomic_torch_save(pairs_path, pairs)
-        _say(console, f"paired {len(y_all)} samples with same-class {c['nn_space']} {c['k']}-NN real samples "
+        say(console, f"paired {len(y_all)} samples with same-class {c['nn_space']} {c['k']}-NN real samples "
                       f"({pairs['knn_seconds']:.1f}s)")
     x_hat, y_all, s_all = _dequantize(pairs["x_hat"]), pairs["labels"], pairs["scales"]
     idx = pairs["target_idx"]
@@ -608,7 +609,7 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
         fname = "flow.pt" if key == "all" else f"flow_s{key}.pt"
         torch.manual_seed(int(c["seed"]))  # a from-scratch network is the same on every re-run
         net = build_velocity_net(data, c, model if c["init"] == "run" else None, backbone_cfg)
-        _say(console, f"training flow postprocessor [{key}] on {int(mask.sum())} pairs: "
+        say(console, f"training flow postprocessor [{key}] on {int(mask.sum())} pairs: "
                       f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {c['steps']} steps")
         res = train_flow(net, x_hat[mask], targets[mask], y_all[mask], int(c["steps"]), int(c["batch_size"]),
                          float(c["lr"]), device, int(c["seed"]), pdir / fname, int(c["ckpt_every"]), console,
@@ -632,23 +633,10 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
                        "method": c["apply_method"], "steps": int(c["apply_steps"])},
     })
     atomic_write_json(info_path, _jsonable(info))
-    _say(console, f"saved the flow postprocessor to {pdir} (train {info['train_seconds']:.1f}s, "
+    say(console, f"saved the flow postprocessor to {pdir} (train {info['train_seconds']:.1f}s, "
                   f"{info['pairs']['distinct_target_fraction']:.0%} of real samples used as targets)")
     return info
 
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-def _say(console, msg: str) -> None:
-    if console is not None:
-        console.print(msg)
-
-
-def _progress(console, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]postprocess"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console,
-                    transient=False, disable=console is None or not console.is_terminal)
