@@ -57,6 +57,11 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def scale_tag(s: float) -> str:
+    """A guidance scale as a file-name part: 2.5 -> '2p5', -1 -> 'm1'."""
+    return ("%g" % s).replace("-", "m").replace(".", "p")
+
+
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / "meta.json").is_file()
 

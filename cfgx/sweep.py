@@ -26,14 +26,10 @@ from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report import console_table, plot_run, write_tables
-from cfgx.runs import atomic_torch_save, atomic_write_json, device_name, versions
+from cfgx.runs import atomic_torch_save, atomic_write_json, device_name, scale_tag, versions
 from cfgx.sample import balanced_labels, generate
 
 SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
-
-
-def scale_tag(s: float) -> str:
-    return ("%g" % s).replace("-", "m").replace(".", "p")
 
 
 def row_key(method: str, postprocess: str, sampler: str, steps: int, eta: float, n: int, seed: int,

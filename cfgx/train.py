@@ -40,7 +40,7 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def _batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Tensor:
+def batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Tensor:
     """Epoch-wise shuffling that is a pure function of (seed, step), so resume needs no loader state."""
     per_epoch = max(n // batch, 1)
     epoch, pos = divmod(step, per_epoch)
@@ -138,7 +138,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
         with progress:
             task = progress.add_task("train", total=steps, completed=step, loss=float("nan"), ips=0.0)
             while step < steps:
-                idx = _batch_indices(step, n, bs, int(cfg.seed), device)
+                idx = batch_indices(step, n, bs, int(cfg.seed), device)
                 x, y = x_all[idx], y_all[idx]
                 if cfg.dataset.get("hflip", False):
                     flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5

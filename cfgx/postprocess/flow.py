@@ -44,10 +44,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cfgx.backbones.unet import timestep_embedding
 from cfgx.console import progress_bar, say
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
-from cfgx.runs import atomic_torch_save, atomic_write_json
+from cfgx.runs import atomic_torch_save, atomic_write_json, scale_tag
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 NN_SPACES = ("pixels", "classifier", "inception")
@@ -143,13 +144,6 @@ def knn_target_indices(x_hat: torch.Tensor, labels: torch.Tensor, real_x: torch.
 # ---------------------------------------------------------------- velocity networks
 
 
-def _time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device).float() / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=-1)
-
-
 class VelocityMLP(nn.Module):
     """v(z, t, c) for vector data: an MLP on [z, time embedding, class embedding]."""
 
@@ -168,7 +162,7 @@ class VelocityMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([z, _time_embedding(t * self.t_scale, self.emb_dim), self.label_emb(y)], dim=-1)
+        h = torch.cat([z, timestep_embedding(t * self.t_scale, self.emb_dim), self.label_emb(y)], dim=-1)
         return self.out(self.body(h))
 
 
@@ -186,16 +180,12 @@ class VelocityUNet(nn.Module):
 
 
 def _as_cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
-    out = dict(DEFAULTS)
-    if cfg is not None:
-        try:
-            from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-        except ImportError:
-            pass
-        out.update(cfg)  # type: ignore[arg-type]
+    out = dict(DEFAULTS)
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    out.update(cfg or {})  # type: ignore[arg-type]
     return out
 
 
@@ -253,16 +243,6 @@ def build_velocity_net(data: DatasetBundle, cfg: dict[str, Any], init_from: nn.M
 # ---------------------------------------------------------------- training
 
 
-def _batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    """Epoch-wise shuffling as a pure function of (seed, step): resume needs no loader state."""
-    per_epoch = max(n // batch, 1)
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    if n < batch:
-        perm = perm.repeat((batch + n - 1) // n)
-    return perm[pos * batch:(pos + 1) * batch]
-
-
 def flow_loss(net: nn.Module, x_hat: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
     """Rectified-flow loss: ||v(z_t, t, c) - (y - x̂)||^2 with z_t = (1 - t) x̂ + t y, t ~ U[0, 1]."""
@@ -285,7 +265,7 @@ def train_flow(net: nn.Module, x_hat: torch.Tensor, targets: torch.Tensor, label
     later call with the same arguments resumes from it bit-exactly. Returns a
     summary dict whose ``"ema"`` entry is the EMA network (eval mode) to apply.
     """
-    from cfgx.train import load_checkpoint, make_ema
+    from cfgx.train import batch_indices, load_checkpoint, make_ema
 
     device = torch.device(device)
     net = net.to(device)
@@ -330,7 +310,7 @@ def train_flow(net: nn.Module, x_hat: torch.Tensor, targets: torch.Tensor, label
         with progress_bar(console, "postprocess") as progress:
             task = progress.add_task("flow", total=steps, completed=step, loss=float("nan"))
             while step < steps:
-                idx = _batch_indices(step, n, int(batch_size), int(seed)).to(device)
+                idx = batch_indices(step, n, int(batch_size), int(seed), device)
                 loss = flow_loss(net, x_hat[idx], targets[idx], labels[idx], gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -410,10 +390,6 @@ def apply_flow(net: nn.Module, x: torch.Tensor, labels: torch.Tensor, steps: int
 # ---------------------------------------------------------------- run-level API
 
 
-def scale_key(s: float) -> str:
-    return f"{float(s):g}".replace("-", "m").replace(".", "p")
-
-
 class FlowPostprocessor:
     """A run's trained flow postprocessor: ``FlowPostprocessor.load(run_dir, data, device).apply(x, y)``."""
 
@@ -480,11 +456,11 @@ class FlowPostprocessor:
     def net_for(self, scale: float | None) -> nn.Module:
         if "all" in self.nets:
             return self.nets["all"]
-        if scale is None or scale_key(scale) not in self.nets:
+        if scale is None or scale_tag(scale) not in self.nets:
             have = ", ".join(sorted(self.nets))
             raise CfgxError(f"this postprocessor was trained per scale ({have}); s={scale} has no flow. "
                             "Retrain with postprocess.per_scale=false or include the scale in train_scales")
-        return self.nets[scale_key(scale)]
+        return self.nets[scale_tag(scale)]
 
     def apply(self, x: torch.Tensor, y: torch.Tensor,
               scale: float | None = None) -> tuple[torch.Tensor, int, float]:
@@ -601,7 +577,7 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
 
     # ---- train (one flow, or one per scale)
     if c["per_scale"]:
-        groups = {scale_key(s): s_all == s for s in scales}
+        groups = {scale_tag(s): s_all == s for s in scales}
     else:
         groups = {"all": torch.ones(len(y_all), dtype=torch.bool)}
     checkpoints, train_stats = {}, {}
@@ -622,7 +598,7 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
     info.update({
         "checkpoints": checkpoints, "train": train_stats, "finished": True,
         "init_effective": c["init"] if data.is_image else "scratch (vector data: MLP)",
-        "pairs": {"total": len(y_all), "per_scale": {scale_key(s): int((s_all == s).sum()) for s in scales},
+        "pairs": {"total": len(y_all), "per_scale": {scale_tag(s): int((s_all == s).sum()) for s in scales},
                   "per_class": torch.bincount(y_all, minlength=data.num_classes).tolist(),
                   "real_set": len(real_y), "distinct_targets": len(used),
                   "distinct_target_fraction": round(len(used) / len(real_y), 4),
