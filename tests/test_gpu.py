@@ -61,3 +61,29 @@ def test_paired_seeds_on_cuda_generators():
         assert out.x.dtype == torch.float32 and torch.isfinite(out.x).all()
         first[s] = rec.first
     assert torch.equal(first[0.0], first[1.0]) and torch.equal(first[0.0], first[3.0])
+
+
+def test_flow_postprocessor_resumes_on_cuda(tmp_path):
+    """The checkpoint is loaded onto the GPU; the generator state must still go back as a CPU tensor."""
+    from cfgx.postprocess import VelocityMLP, train_flow
+
+    g = torch.Generator().manual_seed(0)
+    x_hat, target = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    y = torch.zeros(64, dtype=torch.long)
+
+    def run(path, on_step=None):
+        torch.manual_seed(0)
+        return train_flow(VelocityMLP(2, 1, hidden=16, depth=2), x_hat, target, y, steps=10, batch_size=16,
+                          lr=1e-3, device="cuda", seed=1, ckpt_path=path, ckpt_every=4, on_step=on_step)
+
+    def crash(step):
+        if step == 6:
+            raise RuntimeError("simulated crash")
+
+    straight = run(tmp_path / "a.pt")
+    with pytest.raises(RuntimeError):
+        run(tmp_path / "b.pt", crash)
+    resumed = run(tmp_path / "b.pt")
+    assert resumed["resumed_from"] == 4 and resumed["step"] == 10
+    for k, v in straight["ema"].state_dict().items():
+        torch.testing.assert_close(resumed["ema"].state_dict()[k], v)

@@ -289,7 +289,7 @@ def train_flow(net: nn.Module, x_hat: torch.Tensor, targets: torch.Tensor, label
                             "delete it (or the run's postprocess/ folder) to retrain") from None
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["rng"]["gen"].cpu() if device.type == "cpu" else ckpt["rng"]["gen"])
+        gen.set_state(ckpt["rng"]["gen"].cpu())  # generator states are CPU byte tensors, even for CUDA
         step = int(ckpt["step"])
         say(console, f"resuming the flow postprocessor from step {step}/{steps}")
 
