@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from cfgx.backbones.exact import ExactClassifier, ExactDenoiser
+from cfgx.backbones.noisy_classifier import noisy_accuracy
 from cfgx.backbones.toy_classifiers import (
     LinearNoisyClassifier,
     MLPNoisyClassifier,
@@ -38,12 +39,12 @@ from cfgx.backbones.toy_classifiers import (
 from cfgx.console import say
 from cfgx.cpu import torch_threads
 from cfgx.data.gmm import GaussianMixture, gmm1d, gmm2d
-from cfgx.diffusion.guidance import cfg_eps, cg_eps
 from cfgx.diffusion.samplers import Sampler, build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats
 from cfgx.runs import atomic_write_json
+from cfgx.sample import make_eps_fn
 
 DATASETS = ("gmm1d", "gmm2d")
 MUS_1D = (1.0, 0.5, 0.1)
@@ -92,21 +93,11 @@ def _train_toy_classifiers(mixture: GaussianMixture, schedule: NoiseSchedule, st
     return {"exact": ExactClassifier(mixture, schedule), "linear": lin, "mlp": mlp}
 
 
-@torch.no_grad()
 def _classifier_accuracy(classifiers: dict[str, torch.nn.Module], mixture: GaussianMixture,
                          schedule: NoiseSchedule, seed: int, n: int = 4000) -> dict[str, dict[str, float]]:
-    """Held-out accuracy of each classifier on fresh noised mixture samples at a few t."""
-    g = torch.Generator().manual_seed(seed + 99)
-    x0, y = mixture.sample(n, g)
-    noise = torch.randn(x0.shape, generator=g)
-    out: dict[str, dict[str, float]] = {name: {} for name in classifiers}
-    for frac in (0.0, 0.25, 0.5, 0.75):
-        t_val = int(round(frac * schedule.num_steps))
-        t = torch.full((n,), t_val, dtype=torch.long)
-        x_t = schedule.q_sample(x0, t, noise)
-        for name, clf in classifiers.items():
-            out[name][str(t_val)] = round(float((clf(x_t, t).argmax(1) == y).float().mean()), 4)
-    return out
+    """Held-out accuracy of each classifier on fresh mixture samples, noised to a few t (same noise for all)."""
+    x0, y = mixture.sample(n, torch.Generator().manual_seed(seed + 99))
+    return {name: noisy_accuracy(clf, x0, y, schedule, "cpu", seed) for name, clf in classifiers.items()}
 
 
 def _stats_1d(x: torch.Tensor, y: torch.Tensor, mixture: GaussianMixture, mu: float) -> dict[str, float]:
@@ -138,9 +129,8 @@ def _panel_specs(scales: Sequence[float]) -> list[tuple[str, str, float]]:
 
 def _eps_fn(method: str, den: ExactDenoiser, clf: torch.nn.Module | None, schedule: NoiseSchedule,
             y: torch.Tensor, s: float):
-    if method == "cg":
-        return lambda x, t: cg_eps(den, clf, schedule.sigma(t), x, t, y, s)
-    return lambda x, t: cfg_eps(den, x, t, y, s)
+    # The toy tables say "cg"; the sampling code calls the same thing guidance.method=classifier.
+    return make_eps_fn(den, y, s, "classifier" if method == "cg" else "cfg", clf, schedule)
 
 
 def _plot_1d(path: Path, mu: float, times: list[float], trajs: dict[tuple[str, str, float], torch.Tensor],
