@@ -384,11 +384,11 @@ def cmd_postprocess(args: list[str]) -> int:
         from cfgx.metrics.suite import EvalSuite
 
         suite = EvalSuite(cfg, data, device, console)
-        key = "clf_feats" if post["nn_space"] == "classifier" else "inc_pool"
-        if post["nn_space"] == "inception" and suite.inception is None:
+        space = post["nn_space"]
+        if space == "inception" and suite.inception is None:
             raise CfgxError("postprocess.nn_space=inception needs Inception features; add "
                             "eval.features=[classifier,inception]")
-        feature_fn = lambda x: suite.extract(x)[key]  # noqa: E731
+        feature_fn = lambda x: suite.features_in(space, x)  # noqa: E731
     info = train_postprocessor(post, run_dir, data, model, schedule, sampler, device, console, feature_fn)
     console.print(f"postprocessor for {run_dir} (checkpoint step {step}) ready: "
                   f"{info.get('train_seconds', 0):.0f}s training; evaluate with "

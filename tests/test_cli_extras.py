@@ -73,3 +73,28 @@ def test_toy_command_writes_figures(workdir, capsys):
     out = next((workdir / "runs" / "gmm2d").iterdir())
     assert (out / "toy_summary.json").is_file() and list(out.glob("*.png"))
     assert main(["toy", "dataset=digits"]) == 2
+
+
+def test_postprocess_pairs_in_classifier_feature_space(tiny_run, tmp_path, workdir, capsys):
+    import torch
+
+    from cfgx.cli import sweep_config
+    from cfgx.data import build_dataset, stack_dataset
+    from cfgx.metrics.suite import EvalSuite
+    from cfgx.postprocess.flow import _dequantize, knn_indices
+
+    run = tmp_path / "digits" / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    post = ["postprocess.steps=2", "postprocess.samples_per_scale=20", "postprocess.train_scales=[1]",
+            "postprocess.batch_size=8", "postprocess.k=1", "postprocess.nn_space=classifier"]
+    assert main(["postprocess", f"run={run}", *post]) == 0, capsys.readouterr().err
+    assert json.loads((run / "postprocess" / "info.json").read_text())["settings"]["nn_space"] == "classifier"
+    # With k = 1 each target is the same-class real digit nearest in the evaluation classifier's features.
+    cfg, _ = sweep_config([f"run={run}"])
+    data = build_dataset(cfg.dataset)
+    suite = EvalSuite(cfg, data, torch.device("cpu"))
+    pairs = torch.load(run / "postprocess" / "pairs.pt", weights_only=False)
+    real_x, real_y = stack_dataset(data.train)
+    _, nearest = knn_indices(suite.extract(_dequantize(pairs["x_hat"]))["clf_feats"], pairs["labels"],
+                             suite.extract(real_x)["clf_feats"], real_y, 1)
+    assert torch.equal(pairs["target_idx"], nearest[:, 0])

@@ -137,6 +137,12 @@ class EvalSuite:
             cache.save(key, hit)
         self.real["inc_pool"] = hit["pool"]
 
+    def features_in(self, space: str, x: torch.Tensor) -> torch.Tensor:
+        """Features of one space only ("classifier" or "inception"), e.g. for nearest neighbours."""
+        if space == "classifier":
+            return self._classifier_features(x)["clf_feats"]
+        return self.inception(to_uint8(x)).pool
+
     def extract(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every feature the metrics need, one forward pass per image per extractor."""
         out = self._classifier_features(x)
