@@ -187,8 +187,19 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
 
 # ---------------------------------------------------------------- sweep
 
+def _override_key(o: str) -> str:
+    """The config path an override sets: '+eval.seed=3' -> 'eval.seed'."""
+    return o.lstrip("+~").split("=", 1)[0]
+
+
 def _touches(overrides: list[str], key: str) -> bool:
-    return any(o.lstrip("+~").split("=", 1)[0].split(".")[0] == key for o in overrides)
+    """Whether any override sets ``key`` or something under it."""
+    return any(_override_key(o).split(".")[0] == key for o in overrides)
+
+
+def _selects(overrides: list[str], group: str) -> bool:
+    """Whether any override picks an option of ``group`` (``group=name``, not ``group.key=value``)."""
+    return any(_override_key(o) == group for o in overrides)
 
 
 def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
@@ -204,18 +215,17 @@ def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
         else:
             rest.append(o)
     for o in rest:
-        key = o.lstrip("+~").split("=", 1)[0].split(".")[0]
-        if key in TRAINING_KEYS:
+        if _override_key(o).split(".")[0] in TRAINING_KEYS:
             raise CfgxError(f"'{o}' changes training, but sweep evaluates an existing run; train a new run "
                             f"with 'cfgx train {o}' instead")
     fresh = compose(rest)
     run_dir = resolve_run(run_arg, Path(str(fresh.paths.runs)))
     saved = OmegaConf.create(load_run_config(run_dir))
     for key in EVAL_KEYS:
-        if key not in saved or any(o.lstrip("+~").split("=", 1)[0] == key for o in rest):
+        if key not in saved or _selects(rest, key):
             saved[key] = fresh[key]  # a new group choice replaces the run's whole block
     for o in rest:  # dotted overrides land on top of the run's own settings
-        path = o.lstrip("+~").split("=", 1)[0]
+        path = _override_key(o)
         if "." in path and path.split(".")[0] in EVAL_KEYS:
             OmegaConf.update(saved, path, OmegaConf.select(fresh, path), merge=False, force_add=True)
     saved.run = str(run_dir)
@@ -369,8 +379,7 @@ def cmd_postprocess(args: list[str]) -> int:
     from cfgx.postprocess import train_postprocessor
     from cfgx.train import load_ema_model
 
-    chosen = any(o.lstrip("+~").split("=", 1)[0] == "postprocess" for o in normalize_overrides(args))
-    extra = [] if chosen else ["postprocess=flow"]
+    extra = [] if _selects(normalize_overrides(args), "postprocess") else ["postprocess=flow"]
     cfg, run_dir, device, data, schedule = _load_run(args, extra)
     if cfg.postprocess.name == "none":
         raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")

@@ -203,7 +203,7 @@ class Sweeper:
                 for v in todo:
                     fpath = feat_dir / f"{sample_keys[v]}-block{b}.pt"
                     feats = None
-                    if fpath.is_file() and not bool(self.cfg.eval.overwrite):
+                    if fpath.is_file() and not overwrite:
                         blob = torch.load(fpath, map_location="cpu", weights_only=False)
                         feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
                     if feats is None:
@@ -264,7 +264,7 @@ class Sweeper:
             "sampler": self.sampler.name, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
             "nfe": nfe, "postprocess_nfe": post_nfe, "postprocess_seconds": post_s,
             "num_samples": self.n, "seed_blocks": self.blocks, "seed": self.seed, "batch_size": self.bs,
-            "seconds": round(seconds * (self.blocks if self.blocks > 1 else 1), 3),
+            "seconds": round(seconds * self.blocks, 3),
             "samples_per_s": round(total / (seconds * self.blocks), 2) if seconds > 0 else None,
             "checkpoint_step": self.ckpt_step, **self.suite.info, **self.guide_info,
             "config_hash": config_hash(self.cfg), "device": device_name(self.device),
