@@ -162,6 +162,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ("eval.num_samples", "eval.batch_size", "sampler.steps"):
         v = _num(cfg, key)
         _require(v == int(v) and v > 0, f"{key}={v} must be a positive integer")
+    for key in ("eval.seed_blocks", "eval.real_samples", "eval.pr_k", "eval.dc_k"):
+        if OmegaConf.select(cfg, key) is not None:  # absent from configs of runs older than the key
+            v = _num(cfg, key)
+            _require(v == int(v) and v > 0, f"{key}={v} must be a positive integer")
     _require(int(cfg.sampler.steps) <= int(cfg.diffusion.num_steps),
              f"sampler.steps={cfg.sampler.steps} exceeds diffusion.num_steps={cfg.diffusion.num_steps}")
     _require(0 <= _num(cfg, "sampler.eta") <= 1, "sampler.eta must be in [0, 1]")

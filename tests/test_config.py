@@ -78,6 +78,8 @@ def test_unknown_choice_or_key_names_the_valid_ones(overrides, needle):
     (["train.steps=abc"], "not a number"),
     (["guidance.method=magic"], "guidance.method"),
     (["sampler.steps=5000"], "exceeds"),
+    (["eval.seed_blocks=0"], "eval.seed_blocks=0 must be a positive integer"),
+    (["eval.pr_k=-1"], "eval.pr_k"),
 ])
 def test_validate_rejects(overrides, needle):
     with pytest.raises(CfgxError, match=needle):
