@@ -46,6 +46,21 @@ def test_missing_offline_dataset_is_one_line_with_the_fix(tmp_path, name):
     assert "\n" not in msg and str(tmp_path) in msg and f"cfgx prepare dataset={name}" in msg
 
 
+def test_failed_download_says_download_not_missing(tmp_path, monkeypatch):
+    """Offline with download=true (what cfgx prepare does), torchvision raises RuntimeError as well."""
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://example/, got: ...")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    cfg = compose(["dataset=mnist", f"dataset.root={tmp_path}", "dataset.download=true"]).dataset
+    with pytest.raises(CfgxError) as e:
+        build_dataset(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("could not download 'mnist'") and "Error downloading" in msg
+
+
 def test_imagefolder_without_root_is_a_clear_error(tmp_path):
     cfg = OmegaConf.create({"name": "imagefolder", "root": str(tmp_path / "nope"), "resolution": 8})
     with pytest.raises(CfgxError, match="not a directory"):

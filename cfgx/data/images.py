@@ -104,11 +104,16 @@ def load_torchvision(cfg) -> DatasetBundle:
         try:
             splits[split] = cls(root=str(root), download=bool(cfg.download), **kwargs)
         except RuntimeError as e:
+            if not cfg.download:
+                raise CfgxError(
+                    f"dataset {name!r} not found under {root}/ (expected {expected}); run "
+                    f"'cfgx prepare dataset={name}' on a machine with internet, or set "
+                    f"dataset.root=PATH to where it is, or dataset.download=true") from e
+            # torchvision reports a failed download (offline, mirror down) as RuntimeError too.
             raise CfgxError(
-                f"dataset {name!r} not found under {root}/ (expected {expected}); run "
-                f"'cfgx prepare dataset={name}' on a machine with internet, or set "
-                f"dataset.root=PATH to where it is, or dataset.download=true") from e
-        except Exception as e:  # network errors when download=true offline
+                f"could not download {name!r} into {root}/ ({str(e).splitlines()[0][:120]}); fetch it on a "
+                f"machine with internet ('cfgx prepare dataset={name}') and copy it there") from e
+        except Exception as e:  # other network errors when download=true offline
             raise CfgxError(
                 f"could not download {name!r} into {root}/ ({type(e).__name__}); fetch it on a "
                 f"machine with internet ('cfgx prepare dataset={name}') and copy it there") from e
