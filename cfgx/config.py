@@ -178,7 +178,10 @@ def validate(cfg: DictConfig) -> None:
              f"guidance.method={cfg.guidance.method!r}; valid: cfg, classifier")
     _require(cfg.diffusion.schedule in ("linear", "cosine"),
              f"diffusion.schedule={cfg.diffusion.schedule!r}; valid: linear, cosine")
-    _require(cfg.sampler.name in ("ddim", "ddpm"), f"sampler.name={cfg.sampler.name!r}; valid: ddim, ddpm")
+    from cfgx.diffusion.samplers import SAMPLERS
+
+    _require(cfg.sampler.name in SAMPLERS,
+             f"sampler.name={cfg.sampler.name!r}; valid: {', '.join(sorted(SAMPLERS))}")
     _require(cfg.train.precision in ("auto", "fp32", "bf16"),
              f"train.precision={cfg.train.precision!r}; valid: auto, fp32, bf16")
 
