@@ -22,6 +22,7 @@ demo:               ## train on the embedded digits and sweep s = 0,1,3,7 (<= 5 
 bench:              ## throughput/timing benchmarks (not tests): demo wall time, img/s, Inception img/s
 	$(PY) scripts/bench_demo.py
 	$(PY) scripts/bench_inception.py
+	$(PY) scripts/bench_record.py   # bench_out/bench.json, with ratios to the previous record
 
 ci: lint test
 

@@ -62,7 +62,7 @@ def test_dataset_selects_its_recipe_and_user_overrides_win():
 @pytest.mark.parametrize("overrides,needle", [
     (["dataset=cifar11"], "valid: cifar10"),
     (["backbone=huge"], "valid: ddpm_cifar"),
-    (["sampler=euler"], "valid: ddim, ddpm"),
+    (["sampler=euler"], "valid: ddim, ddpm, dpmpp2m"),
     (["train.stepz=3"], "train.stepz"),
 ])
 def test_unknown_choice_or_key_names_the_valid_ones(overrides, needle):
@@ -90,3 +90,12 @@ def test_config_hash_tracks_training_not_eval():
     a, b = compose([]), compose(["guidance=0,2", "eval.num_samples=10"])
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(compose(["cond_drop=0.2"]))
+
+
+def test_digits_recipe_samples_with_dpmpp2m_and_a_typed_sampler_brings_its_own_steps():
+    # The digits default was picked by measurement (README 'Sampler and steps'); a sampler typed on
+    # the command line must not inherit the recipe's step count.
+    assert dict(compose([]).sampler) == {"name": "dpmpp2m", "steps": 10, "eta": 0.0}
+    assert compose(["sampler=ddim"]).sampler.steps == 50
+    assert compose(["sampler=ddim", "sampler.steps=25"]).sampler.steps == 25
+    assert compose(["dataset=mnist"]).sampler.name == "ddim"

@@ -84,13 +84,13 @@ def test_paired_seeds_same_noise_and_labels_at_every_scale():
     outs = {}
     for s in (0.0, 1.0, 3.0):
         rec = Recorder(_model())
-        for name in ("ddim", "ddpm"):
+        for name in ("ddim", "ddpm", "dpmpp2m"):
             sampler = build_sampler(name, schedule, 5, eta=0.5)
             rec.first_x = None
             outs[(s, name)] = generate(rec, sampler, (1, 8, 8), labels, s, seed=7, batch_size=6,
                                        device=torch.device("cpu")).x
             first[(s, name)] = rec.first_x[:6]  # first batch's x_T (cond half when batched)
-    for name in ("ddim", "ddpm"):
+    for name in ("ddim", "ddpm", "dpmpp2m"):
         assert torch.equal(first[(0.0, name)], first[(1.0, name)])
         assert torch.equal(first[(0.0, name)], first[(3.0, name)])
         assert not torch.allclose(outs[(1.0, name)], outs[(3.0, name)])
@@ -122,6 +122,6 @@ def test_ddim_eta0_is_deterministic_and_recovers_data_with_exact_eps():
         ab = schedule.alpha_bar(t).view(-1, 1, 1, 1)
         return (x - ab.sqrt() * target) / (1 - ab).sqrt()
 
-    for name in ("ddim", "ddpm"):
+    for name in ("ddim", "ddpm", "dpmpp2m"):
         out = build_sampler(name, schedule, 20).sample(eps_fn, (3, 1, 8, 8), torch.Generator().manual_seed(0))
         torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
