@@ -200,7 +200,7 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
             choice = e
     choice = distributed.broadcast_object(choice)
     if isinstance(choice, CfgxError):
-        raise choice
+        raise distributed.agreed_error(str(choice))
     run_dir = Path(choice)
     result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
     if distributed.is_main():
@@ -488,6 +488,8 @@ def _report(e: CfgxError) -> None:
     from cfgx.distributed import rank
 
     r = rank()
+    if r and getattr(e, "rank0_only", False):
+        return
     if r:
         time.sleep(3)
     print(f"cfgx: error: {f'[rank {r}] ' if r else ''}{e}", file=sys.stderr, flush=True)

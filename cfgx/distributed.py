@@ -80,6 +80,13 @@ def active() -> bool:
 # ---------------------------------------------------------------- joining
 
 
+def agreed_error(msg: str) -> CfgxError:
+    """An error every rank raises at the same point (after agreeing): rank 0 alone reports it."""
+    e = CfgxError(msg)
+    e.rank0_only = True  # type: ignore[attr-defined]
+    return e
+
+
 def check_batch(batch_size: int, world: int, key: str = "train.batch_size") -> None:
     """The global batch must split evenly, or ranks would see different amounts of data per step."""
     if world > 1 and batch_size % world:

@@ -186,8 +186,8 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                     mean_loss = distributed.all_reduce_mean(loss_acc, device) / n_acc
                     ips = n_acc * bs / (now - t_last)
                     if not torch.isfinite(torch.tensor(mean_loss)):
-                        raise CfgxError(f"training diverged at step {step} (loss {mean_loss}); lower "
-                                        "train.lr or raise train.warmup_steps")
+                        raise distributed.agreed_error(f"training diverged at step {step} (loss {mean_loss}); "
+                                                       "lower train.lr or raise train.warmup_steps")
                     if log is not None:
                         log.write(json.dumps({"step": step, "loss": round(mean_loss, 6),
                                               "lr": sched.get_last_lr()[0], "img_per_s": round(ips, 1),
@@ -207,8 +207,8 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
         distributed.barrier()  # no rank exits (which makes torchrun kill the rest) before the file is written
         if log is not None:
             log.close()
-        raise CfgxError(f"interrupted at step {step}; checkpoint saved, re-run the same command to "
-                        "resume") from None
+        raise distributed.agreed_error(f"interrupted at step {step}; checkpoint saved, re-run the same command "
+                                       "to resume") from None
     if log is not None:
         log.close()
     seconds = time.perf_counter() - t_start
