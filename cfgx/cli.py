@@ -41,7 +41,7 @@ SUBCOMMANDS = {
 }
 EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess", "dist")
 # Launcher options that come from a plugin (hydra-submitit-launcher), ours or its own.
-PLUGIN_LAUNCHERS = ("submitit_local", "submitit_slurm", "slurm", "slurm_cpu")
+PLUGIN_LAUNCHERS = ("submitit_local", "submitit_slurm", "slurm")
 
 
 def usage() -> str:
