@@ -94,9 +94,11 @@ def cmd_train(args: list[str]) -> int:
             cfg = compose([o for o in combo if not o.startswith("hydra")])
             validate(cfg)
             nproc = int(cfg.launcher.nproc)
-            from cfgx.distributed import check_batch
+            from cfgx.distributed import check_backend, check_batch
 
             check_batch(int(cfg.train.batch_size), max(nproc, _launched_world()))
+            if nproc > 1:
+                check_backend(str(cfg.dist.backend))
     if nproc > 1 and _launched_world() == 1:
         from cfgx.distributed import relaunch
 

@@ -95,6 +95,12 @@ def check_batch(batch_size: int, world: int, key: str = "train.batch_size") -> N
                         f"use a multiple of {world}, e.g. {key}={lo}, or change --nproc_per_node")
 
 
+def check_backend(backend: str) -> None:
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise CfgxError("dist.backend=nccl needs CUDA GPUs and none is visible on this machine; use "
+                        "dist.backend=gloo (or auto: gloo on CPU, nccl on CUDA)")
+
+
 def setup(device_name: str, backend: str = "auto", timeout_min: float = 60.0,
           batch_size: int | None = None) -> torch.device:
     """Join the process group when launched by torchrun/submitit; return this rank's device.
@@ -113,9 +119,7 @@ def setup(device_name: str, backend: str = "auto", timeout_min: float = 60.0,
         return pick_device(device_name)
     if batch_size is not None:
         check_batch(batch_size, world)
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise CfgxError("dist.backend=nccl needs CUDA GPUs and none is visible on this machine; use "
-                        "dist.backend=gloo (or auto: gloo on CPU, nccl on CUDA)")
+    check_backend(backend)
     device = pick_device(device_name)
     if device.type == "cuda":
         n = torch.cuda.device_count()
@@ -285,10 +289,14 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     torchrun's own ChildFailedError traceback is dropped: the failing rank has
     already printed cfgx's one-line error.
     """
+    import logging
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # The agent logs each worker's exit and its SIGTERMs; cfgx's own line already says what failed.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "cfgx", *argv])
     try:
         run(args)

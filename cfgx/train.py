@@ -134,6 +134,9 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
             if device.type == "cuda" and rng.get("cuda") is not None:
                 torch.cuda.set_rng_state(rng["cuda"].cpu())
         say(console, f"resuming {run_dir} from step {step}/{steps}")
+    if distributed.any_rank(step != distributed.broadcast_object(step), device):
+        raise distributed.agreed_error(f"the processes see different checkpoints in {run_dir}; put paths.runs on a "
+                                       "filesystem every machine shares (rank 0 writes, every rank resumes)")
 
     def save() -> None:
         rng = {"gen": gen.get_state(), "torch": torch.get_rng_state(),
