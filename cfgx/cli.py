@@ -522,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from cfgx.distributed import shutdown
 
+    if cmd not in ("train", "sweep") and _launched_world() > 1:
+        print(f"cfgx: error: cfgx {cmd} runs as one process; start it without torchrun (only train and sweep "
+              "use several)", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[cmd](rest) or 0
     except CfgxError as e:

@@ -152,8 +152,9 @@ class Sweeper:
         if self.method == "classifier":
             from cfgx.backbones.noisy_classifier import get_guidance_classifier
 
-            self.guide_clf, info = get_guidance_classifier(self.run_dir, data, self.schedule, device,
-                                                           guidance_classifier_options(cfg), console)
+            with distributed.main_first():  # rank 0 trains and caches it in the run dir, the others load it
+                self.guide_clf, info = get_guidance_classifier(self.run_dir, data, self.schedule, device,
+                                                               guidance_classifier_options(cfg), console)
             # Rows from a differently trained guidance classifier are other rows.
             self.method_tag = f"classifier-{str(info.get('key'))[:6]}"
             self.guide_info = {"guidance_classifier": info.get("key"),

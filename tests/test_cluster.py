@@ -53,3 +53,14 @@ def test_submitit_local_multirun_makes_the_same_runs_and_rows_as_the_basic_launc
         assert not diff, f"{tag}: {diff}"
     cds = {json.loads((r / "meta.json").read_text())["config_hash"] for r in local.values()}
     assert len(cds) == 2  # the two jobs are two configs (cond_drop 0.1, 0.2)
+
+
+def test_a_two_task_submitit_job_trains_as_one_process_group(tmp_path, monkeypatch, cache_dir):
+    """What the slurm preset relies on: tasks of one job join one torch.distributed group (gloo here)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    assert main(["train", "-m", "cond_drop=0.1", *JOBS, f"paths.runs={tmp_path}", "hydra/launcher=submitit_local",
+                 "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10"]) == 0
+    (run,) = _runs(tmp_path).values()
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["train_processes"] == 2 and meta["checkpoint_step"] == 12 and len(load_rows(run)) == 1
