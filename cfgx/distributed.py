@@ -291,6 +291,7 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     """
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -304,10 +305,12 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
         _, failure = e.get_first_failure()
         code = failure.exitcode
         return code if code > 0 else 128 - code if code < 0 else 1
+    except SignalException as e:  # Ctrl-C / SIGTERM: the workers have saved and said so
+        return 128 + int(e.sigval)
     except KeyboardInterrupt:
         print("cfgx: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # the agent's SignalException on SIGTERM, rendezvous failures
+    except Exception as e:  # rendezvous failures
         print(f"cfgx: error: torchrun stopped: {type(e).__name__}: {' '.join(str(e).split())[:300]}",
               file=sys.stderr)
         return 1

@@ -4,7 +4,9 @@ One network learns eps(x_t, t, c) and eps(x_t, t, null) together (condition
 dropout). AdamW with linear warm-up, gradient clipping, an EMA of the weights
 (evaluation always uses the EMA), bf16 autocast on CUDA, a JSONL log and atomic
 checkpoints that hold everything needed to continue bit-exactly: model, EMA,
-optimizer, step and RNG states.
+optimizer, step and RNG states. Under torchrun the same loop runs on every rank
+with DistributedDataParallel (each rank its slice of the global batch); the
+process-group glue lives in cfgx/distributed.py.
 """
 
 from __future__ import annotations
