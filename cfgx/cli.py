@@ -39,7 +39,7 @@ SUBCOMMANDS = {
     "train-classifier": "train the noise-conditional guidance classifier of a run: [run=PATH]",
     "postprocess": "train the flow-matching postprocessor of a run: cfgx postprocess [run=PATH]",
 }
-EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess", "dist")
+EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess", "dist", "launcher")
 # Launcher options that come from a plugin (hydra-submitit-launcher), ours or its own.
 PLUGIN_LAUNCHERS = ("submitit_local", "submitit_slurm", "slurm")
 
