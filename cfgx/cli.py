@@ -202,7 +202,7 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
             choice = e
     choice = distributed.broadcast_object(choice)
     if isinstance(choice, CfgxError):
-        raise distributed.agreed_error(str(choice))
+        raise distributed.agreed_error(str(choice)) if distributed.active() else choice
     run_dir = Path(choice)
     result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
     if distributed.is_main():
@@ -210,7 +210,7 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
         meta.update({"train_finished": True, "checkpoint_step": result.step,
                      "train_img_per_s": round(result.img_per_s, 1),
                      "train_seconds_last_call": round(result.seconds, 2),
-                     **({"train_processes": distributed.world_size()} if distributed.active() else {})})
+                     "train_processes": distributed.world_size()})
         atomic_write_json(run_dir / "meta.json", meta)
     run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
     return run_dir
