@@ -2,7 +2,7 @@
 PY ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo bench ci clean
+.PHONY: install test test-all lint demo bench gpu-check ci clean
 
 install:            ## editable install with the dev extras
 	$(PY) -m pip install -e ".[dev]"
@@ -19,10 +19,14 @@ lint:
 demo:               ## train on the embedded digits and sweep s = 0,1,3,7 (<= 5 min on 2 CPU cores)
 	$(PY) -m cfgx train
 
-bench:              ## throughput/timing benchmarks (not tests): demo wall time, img/s, Inception img/s
+bench:              ## throughput/timing benchmarks (not tests): demo wall time, img/s, Inception img/s, 1 vs 2 processes
 	$(PY) scripts/bench_demo.py
 	$(PY) scripts/bench_inception.py
 	$(PY) scripts/bench_record.py   # bench_out/bench.json, with ratios to the previous record
+	$(PY) scripts/bench_ddp.py
+
+gpu-check:          ## on a CUDA machine: pytest -m gpu, CIFAR train img/s / peak memory / MFU, a 2k-sample sweep
+	$(PY) scripts/gpu_check.py
 
 ci: lint test
 

@@ -27,6 +27,7 @@ from cfgx.config import (
     normalize_overrides,
     validate,
 )
+from cfgx.console import say
 from cfgx.errors import CfgxError
 
 SUBCOMMANDS = {
@@ -38,7 +39,9 @@ SUBCOMMANDS = {
     "train-classifier": "train the noise-conditional guidance classifier of a run: [run=PATH]",
     "postprocess": "train the flow-matching postprocessor of a run: cfgx postprocess [run=PATH]",
 }
-EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess")
+EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess", "dist", "launcher")
+# Launcher options that come from a plugin (hydra-submitit-launcher), ours or its own.
+PLUGIN_LAUNCHERS = ("submitit_local", "submitit_slurm", "slurm")
 
 
 def usage() -> str:
@@ -84,9 +87,22 @@ def cmd_train(args: list[str]) -> int:
     args = normalize_overrides(args, multirun=multirun)
     overrides = _hydra_overrides(args)
     check_group_choices(overrides)
+    _check_launcher_plugin(overrides)
+    nproc = 1
     if not any(a.startswith("--") and a not in ("--multirun",) for a in args):
         for combo in _expand_for_validation(overrides) if multirun else [overrides]:
-            validate(compose([o for o in combo if not o.startswith("hydra")]))
+            cfg = compose([o for o in combo if not o.startswith("hydra")])
+            validate(cfg)
+            nproc = int(cfg.launcher.nproc)
+            from cfgx.distributed import check_backend, check_batch
+
+            check_batch(int(cfg.train.batch_size), max(nproc, _launched_world()))
+            if nproc > 1:
+                check_backend(str(cfg.dist.backend))
+    if nproc > 1 and _launched_world() == 1:
+        from cfgx.distributed import relaunch
+
+        return relaunch(nproc, ["train", *args])
 
     import hydra
 
@@ -104,6 +120,33 @@ def cmd_train(args: list[str]) -> int:
     finally:
         sys.argv = old
     return 0
+
+
+def _launched_world() -> int:
+    """WORLD_SIZE when torchrun (or submitit) started this process, else 1."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        return 1
+
+
+def _check_launcher_plugin(overrides: list[str]) -> None:
+    """A plugin launcher that is not installed fails as one line, before Hydra's long error."""
+    import importlib.util
+
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") != "hydra/launcher" or value not in PLUGIN_LAUNCHERS:
+            continue
+        try:
+            found = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise CfgxError(f"hydra/launcher={value} needs the hydra-submitit-launcher plugin, which is not "
+                            'installed; install it with pip install -e ".[cluster]"')
 
 
 def _job_overrides() -> list[str]:
@@ -130,24 +173,17 @@ def _job_tag() -> str:
 
 def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None, console=None) -> Path:
     """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir."""
+    from cfgx import distributed
     from cfgx.data import build_dataset
-    from cfgx.runs import (
-        atomic_write_json,
-        atomic_write_text,
-        find_resumable,
-        new_run_dir,
-        pick_device,
-        provenance,
-        read_meta,
-        resolve_run,
-    )
+    from cfgx.runs import atomic_write_json, read_meta
     from cfgx.sweep import run_sweep
     from cfgx.train import train
 
     validate(cfg)
-    console = console or _console()
-    device = pick_device(str(cfg.device))
-    data = build_dataset(cfg.dataset)
+    device = distributed.setup_from_config(cfg, batch_size=int(cfg.train.batch_size))
+    console = (console or _console()) if distributed.is_main() else None  # one voice: rank 0
+    with distributed.main_first():  # a download happens once, the other ranks then read its files
+        data = build_dataset(cfg.dataset)
     if cfg.backbone.name != "exact":
         from cfgx.backbones import build_backbone, check_label_dependence
         from cfgx.diffusion.schedule import NoiseSchedule
@@ -155,9 +191,44 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
         check_label_dependence(build_backbone(cfg.backbone, data, NoiseSchedule.from_config(cfg.diffusion)),
                                data.shape, device)
     h = config_hash(cfg)
-    runs_root = Path(str(cfg.paths.runs))
     overrides = overrides if overrides is not None else _job_overrides()
 
+    # Rank 0 alone looks for / creates the run dir; every rank then trains that one (or fails alike).
+    choice: str | CfgxError | None = None
+    if distributed.is_main():
+        try:
+            choice = str(_choose_run_dir(cfg, data, h, overrides, device, console))
+        except CfgxError as e:
+            choice = e
+    choice = distributed.broadcast_object(choice)
+    if isinstance(choice, CfgxError):
+        raise distributed.agreed_error(str(choice)) if distributed.active() else choice
+    run_dir = Path(choice)
+    result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
+    if distributed.is_main():
+        meta = read_meta(run_dir)
+        meta.update({"train_finished": True, "checkpoint_step": result.step,
+                     "train_img_per_s": round(result.img_per_s, 1),
+                     "train_seconds_last_call": round(result.seconds, 2),
+                     "train_processes": distributed.world_size()})
+        atomic_write_json(run_dir / "meta.json", meta)
+    run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
+    return run_dir
+
+
+def _choose_run_dir(cfg: DictConfig, data, h: str, overrides: list[str], device, console) -> Path:
+    """The run to train: run=PATH, the unfinished run of this config, or a new one (rank 0 only)."""
+    from cfgx.runs import (
+        atomic_write_json,
+        atomic_write_text,
+        find_resumable,
+        new_run_dir,
+        provenance,
+        read_meta,
+        resolve_run,
+    )
+
+    runs_root = Path(str(cfg.paths.runs))
     run_dir = None
     if cfg.run:
         run_dir = resolve_run(str(cfg.run), runs_root)
@@ -174,14 +245,8 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
                 "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": False,
                 **provenance(device)}
         atomic_write_json(run_dir / "meta.json", meta)
-        console.print(f"run dir: {run_dir}")
-    result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
-    meta = read_meta(run_dir)
-    meta.update({"train_finished": True, "checkpoint_step": result.step,
-                 "train_img_per_s": round(result.img_per_s, 1),
-                 "train_seconds_last_call": round(result.seconds, 2)})
-    atomic_write_json(run_dir / "meta.json", meta)
-    run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
+        if console is not None:
+            console.print(f"run dir: {run_dir}")
     return run_dir
 
 
@@ -234,18 +299,22 @@ def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
 
 
 def cmd_sweep(args: list[str]) -> int:
+    from cfgx import distributed
     from cfgx.data import build_dataset
     from cfgx.diffusion.schedule import NoiseSchedule
-    from cfgx.runs import pick_device
     from cfgx.sweep import run_sweep
     from cfgx.train import load_ema_model
 
     cfg, run_dir = sweep_config(args)
-    console = _console()
-    device = pick_device(str(cfg.device))
-    data = build_dataset(cfg.dataset)
+    nproc = int(OmegaConf.select(cfg, "launcher.nproc", default=1))
+    if nproc > 1 and _launched_world() == 1:
+        return distributed.relaunch(nproc, ["sweep", *args])
+    device = distributed.setup_from_config(cfg)
+    console = _console() if distributed.is_main() else None
+    with distributed.main_first():
+        data = build_dataset(cfg.dataset)
     model, step = load_ema_model(run_dir, cfg, data, NoiseSchedule.from_config(cfg.diffusion), device)
-    console.print(f"sweeping {run_dir} (checkpoint step {step}) at s = "
+    say(console, f"sweeping {run_dir} (checkpoint step {step}) at s = "
                   f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
     run_sweep(cfg, run_dir, data, model, step, device, console)
     return 0
@@ -411,8 +480,25 @@ COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "prepa
             "train-classifier": cmd_train_classifier, "postprocess": cmd_postprocess}
 
 
+def _report(e: CfgxError) -> None:
+    """Print the one-line error; under torchrun, once.
+
+    Most errors happen alike on every rank. Rank 0 reports at once; the others wait
+    briefly, and torchrun stops them when rank 0 exits, so the line appears once. An
+    error only one rank saw (its GPU, its files) still gets printed after the wait.
+    """
+    from cfgx.distributed import rank
+
+    r = rank()
+    if r and getattr(e, "rank0_only", False):
+        return
+    if r:
+        time.sleep(3)
+    print(f"cfgx: error: {f'[rank {r}] ' if r else ''}{e}", file=sys.stderr, flush=True)
+
+
 def _fail(e: CfgxError) -> None:
-    print(f"cfgx: error: {e}", file=sys.stderr)
+    _report(e)
     sys.exit(e.exit_code)
 
 
@@ -434,14 +520,22 @@ def main(argv: list[str] | None = None) -> int:
     if cmd != "train" and any(a in ("-h", "--help") for a in rest):
         print(usage())
         return 0
+    from cfgx.distributed import shutdown
+
+    if cmd not in ("train", "sweep") and _launched_world() > 1:
+        print(f"cfgx: error: cfgx {cmd} runs as one process; start it without torchrun (only train and sweep "
+              "use several)", file=sys.stderr)
+        return 2
     try:
         return COMMANDS[cmd](rest) or 0
     except CfgxError as e:
-        print(f"cfgx: error: {e}", file=sys.stderr)
+        _report(e)
         return e.exit_code
     except KeyboardInterrupt:
         print("cfgx: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from cfgx.errors import CfgxError
 GROUPS = ("dataset", "backbone", "cond_drop", "guidance", "sampler", "train", "eval", "postprocess")
 # Parts of a run's config that define the trained model; a sweep may not change them.
 TRAINING_KEYS = ("dataset", "backbone", "cond_drop", "diffusion", "train", "seed")
+# How a training step is executed, not what it learns: toggling them resumes the same run.
+EXECUTION_KEYS = ("compile", "channels_last")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:inf|nan)"
 
 
@@ -184,6 +186,14 @@ def validate(cfg: DictConfig) -> None:
              f"sampler.name={cfg.sampler.name!r}; valid: {', '.join(sorted(SAMPLERS))}")
     _require(cfg.train.precision in ("auto", "fp32", "bf16"),
              f"train.precision={cfg.train.precision!r}; valid: auto, fp32, bf16")
+    comp = OmegaConf.select(cfg, "train.compile", default="auto")
+    _require(comp == "auto" or isinstance(comp, bool), f"train.compile={comp!r}; valid: auto, true, false")
+    backend = OmegaConf.select(cfg, "dist.backend", default="auto")
+    _require(backend in ("auto", "gloo", "nccl"),
+             f"dist.backend={backend!r}; valid: auto (nccl on CUDA, gloo on CPU), gloo, nccl")
+    nproc = OmegaConf.select(cfg, "launcher.nproc", default=1)
+    _require(isinstance(nproc, int) and not isinstance(nproc, bool) and nproc >= 1,
+             f"launcher.nproc={nproc!r} must be a positive integer (processes on this machine)")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -194,4 +204,6 @@ def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] = TRAINING_KEYS) -
     """Short stable hash of the parts of a config that define a trained model."""
     d = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     sub = {k: d.get(k) for k in keys}
+    if isinstance(sub.get("train"), dict):
+        sub["train"] = {k: v for k, v in sub["train"].items() if k not in EXECUTION_KEYS}
     return hashlib.sha256(json.dumps(sub, sort_keys=True, default=str).encode()).hexdigest()[:12]

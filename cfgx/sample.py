@@ -54,13 +54,18 @@ def make_eps_fn(model: torch.nn.Module, y: torch.Tensor, scale: float, method: s
 @torch.no_grad()
 def generate(model: torch.nn.Module, sampler: Sampler, shape: tuple[int, ...], labels: torch.Tensor,
              scale: float, seed: int, batch_size: int, device: torch.device, method: str = "cfg",
-             classifier: torch.nn.Module | None = None, autocast_bf16: bool = False) -> SampleBatch:
-    """Draw ``len(labels)`` samples at guidance ``scale`` with paired per-batch seeds."""
+             classifier: torch.nn.Module | None = None, autocast_bf16: bool = False,
+             first_batch: int = 0) -> SampleBatch:
+    """Draw ``len(labels)`` samples at guidance ``scale`` with paired per-batch seeds.
+
+    ``labels`` may be a slice that starts at batch ``first_batch`` of the full set: its
+    noise is that batch's, whoever draws it (how sweeps shard batches over processes).
+    """
     xs = []
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, len(labels), batch_size)):
         y = labels[start:start + batch_size].to(device)
-        g = batch_generator(seed, b, device)
+        g = batch_generator(seed, first_batch + b, device)
         eps_fn = make_eps_fn(model, y, scale, method, classifier, sampler.schedule)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             x = sampler.sample(eps_fn, (len(y), *shape), g, device)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cfgx import distributed
 from cfgx.config import config_hash
 from cfgx.console import say
 from cfgx.data import DatasetBundle, to_uint8
@@ -151,8 +152,9 @@ class Sweeper:
         if self.method == "classifier":
             from cfgx.backbones.noisy_classifier import get_guidance_classifier
 
-            self.guide_clf, info = get_guidance_classifier(self.run_dir, data, self.schedule, device,
-                                                           guidance_classifier_options(cfg), console)
+            with distributed.main_first():  # rank 0 trains and caches it in the run dir, the others load it
+                self.guide_clf, info = get_guidance_classifier(self.run_dir, data, self.schedule, device,
+                                                               guidance_classifier_options(cfg), console)
             # Rows from a differently trained guidance classifier are other rows.
             self.method_tag = f"classifier-{str(info.get('key'))[:6]}"
             self.guide_info = {"guidance_classifier": info.get("key"),
@@ -170,10 +172,10 @@ class Sweeper:
         self.metrics_hash = self.suite.settings_hash()
         self.fid_warned = False
 
-    def _samples(self, scale: float, block: int):
-        return generate(self.model, self.sampler, self.data.shape, self.labels, scale,
+    def _samples(self, scale: float, block: int, first_batch: int = 0, labels: torch.Tensor | None = None):
+        return generate(self.model, self.sampler, self.data.shape, self.labels if labels is None else labels, scale,
                         self.seed + block * SEED_BLOCK_STRIDE, self.bs, self.device, method=self.method,
-                        classifier=self.guide_clf, autocast_bf16=self.use_bf16)
+                        classifier=self.guide_clf, autocast_bf16=self.use_bf16, first_batch=first_batch)
 
     def run(self, scales: list[float]) -> list[dict[str, Any]]:
         rows_dir = self.run_dir / "sweep" / "rows"
@@ -199,7 +201,7 @@ class Sweeper:
                 continue
             per_variant: dict[str, list[dict]] = {v: [] for v in todo}
             for b in range(self.blocks):
-                x_cache: torch.Tensor | None = None
+                x_cache: dict[int, Any] = {}  # this process's sample batches, shared by the variants
                 for v in todo:
                     fpath = feat_dir / f"{sample_keys[v]}-block{b}.pt"
                     feats = None
@@ -207,16 +209,9 @@ class Sweeper:
                         blob = torch.load(fpath, map_location="cpu", weights_only=False)
                         feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
                     if feats is None:
-                        if x_cache is None:
-                            batch = self._samples(s, b)
-                            x_cache, base_t = batch.x, {"seconds": batch.seconds, "nfe": batch.nfe}
-                        x, tinfo = x_cache, dict(base_t)
-                        if v != "none":
-                            x, extra_nfe, secs = self.post.apply(x_cache, self.labels, scale=s)
-                            tinfo = {"seconds": base_t["seconds"] + secs, "nfe": base_t["nfe"] + extra_nfe,
-                                     "post_seconds": secs, "post_nfe": extra_nfe}
-                        feats = self.suite.extract(x)
-                        x_grid = self._grid_subset(x)
+                        if distributed.active():
+                            distributed.broadcast_object(("features", s, b, v))  # wake the other ranks
+                        feats, tinfo, x_grid = self._features(s, b, v, x_cache)
                         atomic_torch_save(fpath, {"features": feats, "timing": tinfo, "grid_x": x_grid})
                     metrics = self.suite.score(feats, self.labels)
                     metrics.update({f"_{k}": val for k, val in tinfo.items()})
@@ -238,6 +233,55 @@ class Sweeper:
         write_tables(all_rows, self.run_dir)
         plot_run(all_rows, self.run_dir)
         return out_rows
+
+    def _features(self, s: float, b: int, v: str, x_cache: dict[int, Any]):
+        """Features, timing and grid images of one scale/block/variant, computed batch by batch.
+
+        Every rank draws, postprocesses and featurises the sample batches ``my_share``
+        gives it (batch k has the same labels and noise whoever draws it) and rank 0
+        gathers them in batch order; None elsewhere. One process runs the same code
+        with every batch, so a sharded sweep's table equals a single-process one.
+        """
+        grid_n = int(self.cfg.eval.grid_per_class) * self.data.num_classes if self.data.is_image else 0
+        local: dict[int, Any] = {}
+        secs = post_secs = 0.0
+        nfe = post_nfe = None
+        for k in distributed.my_share(math.ceil(self.n / self.bs)):
+            labels = self.labels[k * self.bs:(k + 1) * self.bs]
+            if k not in x_cache:
+                batch = self._samples(s, b, first_batch=k, labels=labels)
+                x_cache[k] = (batch.x, batch.seconds, batch.nfe)
+            x, t, nfe = x_cache[k]
+            secs += t
+            if v != "none":
+                x, post_nfe, pt = self.post.apply(x, labels, scale=s)
+                post_secs += pt
+            local[k] = (self.suite.extract(x), x[:max(0, grid_n - k * self.bs)].clone() if grid_n else None)
+        parts = distributed.gather_by_index(local)
+        times = distributed.gather_objects((secs, post_secs))  # wall time of a shard = the slowest rank
+        if parts is None or times is None:
+            return None, None, None
+        feats = {key: torch.cat([f[key] for f, _ in parts]) for key in parts[0][0]}
+        x_grid = torch.cat([g for _, g in parts if g is not None and len(g)]) if grid_n else None
+        secs, post_secs = max(t for t, _ in times), max(p for _, p in times)
+        tinfo: dict[str, Any] = {"seconds": secs, "nfe": nfe}
+        if v != "none":
+            tinfo = {"seconds": secs + post_secs, "nfe": nfe + post_nfe, "post_seconds": post_secs,
+                     "post_nfe": post_nfe}
+        return feats, tinfo, x_grid
+
+    def serve(self) -> None:
+        """Ranks > 0: compute feature shards whenever rank 0 asks, until it says done."""
+        x_cache: dict[int, Any] = {}
+        current = None
+        while True:
+            msg = distributed.broadcast_object(None)
+            if msg[0] == "done":
+                return
+            _, s, b, v = msg
+            if current != (s, b):
+                x_cache, current = {}, (s, b)
+            self._features(s, b, v, x_cache)
 
     def _grid_labels(self) -> torch.Tensor:
         k = int(self.cfg.eval.grid_per_class)
@@ -292,7 +336,14 @@ def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.
     """Evaluate ``model`` at every scale in ``cfg.guidance.scales``; returns this sweep's rows."""
     t0 = time.perf_counter()
     sweeper = Sweeper(cfg, run_dir, data, model, ckpt_step, device, console)
-    rows = sweeper.run([float(v) for v in cfg.guidance.scales])
+    if not distributed.is_main():
+        sweeper.serve()  # rank 0 scores and writes every row
+        return []
+    try:
+        rows = sweeper.run([float(v) for v in cfg.guidance.scales])
+    finally:
+        if distributed.active():
+            distributed.broadcast_object(("done",))
     if console is not None:
         console.print(console_table(rows, title=f"{data.name}: {cfg.guidance.method} guidance, "
                                                 f"{sweeper.sampler.name} {len(sweeper.sampler.timesteps)} steps, "

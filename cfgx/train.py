@@ -4,7 +4,9 @@ One network learns eps(x_t, t, c) and eps(x_t, t, null) together (condition
 dropout). AdamW with linear warm-up, gradient clipping, an EMA of the weights
 (evaluation always uses the EMA), bf16 autocast on CUDA, a JSONL log and atomic
 checkpoints that hold everything needed to continue bit-exactly: model, EMA,
-optimizer, step and RNG states.
+optimizer, step and RNG states. Under torchrun the same loop runs on every rank
+with DistributedDataParallel (each rank its slice of the global batch); the
+process-group glue lives in cfgx/distributed.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from cfgx import distributed
 from cfgx.backbones import build_backbone, count_parameters
 from cfgx.console import progress_bar, say
 from cfgx.data import DatasetBundle, stack_dataset
@@ -91,17 +94,28 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     if cfg.backbone.name == "exact":  # analytic denoiser: nothing to train
         return TrainResult(model.eval(), 0, 0.0, 0.0)
 
+    channels_last = bool(tc.get("channels_last", False)) and len(data.shape) == 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ema = make_ema(model, float(tc.ema_decay))
     opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), weight_decay=float(tc.weight_decay))
     warmup = max(int(tc.warmup_steps), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     loss_fn = EpsLoss(schedule, float(cfg.cond_drop.p))
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    world, rank = distributed.world_size(), distributed.rank()
+    # Rank r draws its own dropout/noise stream, a pure function of (seed, rank) and the step count;
+    # rank 0's is the 1-process stream. The initial weights above are the same on every rank.
+    gen = torch.Generator(device=device).manual_seed(distributed.rank_seed(int(cfg.seed)))
+    if rank:
+        torch.manual_seed(distributed.rank_seed(int(cfg.seed)))
+    net = _wrap_for_training(model, device, tc)
     use_bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
 
     x_all, y_all = stack_dataset(data.train)
     x_all, y_all = x_all.to(device), y_all.to(device)
     n, bs, steps = len(y_all), int(tc.batch_size), int(tc.steps)
+    distributed.check_batch(bs, world)
+    local = slice(rank * (bs // world), (rank + 1) * (bs // world))  # this rank's slice of the global batch
 
     ckpt_dir = Path(run_dir) / "checkpoints"
     step = 0
@@ -111,40 +125,57 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["rng"]["gen"].cpu())  # generator states are CPU byte tensors, even for CUDA
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         step = int(ckpt["step"])
+        rng = _rank_rng(ckpt, rank, world)
+        if rng is None:  # saved by another number of processes: this rank starts a new stream here
+            gen.manual_seed(distributed.reseed_seed(int(cfg.seed), step, rank))
+            torch.manual_seed(distributed.reseed_seed(int(cfg.seed), step, rank))
+        else:
+            gen.set_state(rng["gen"].cpu())  # generator states are CPU byte tensors, even for CUDA
+            torch.set_rng_state(rng["torch"].cpu())
+            if device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"].cpu())
         say(console, f"resuming {run_dir} from step {step}/{steps}")
+    if distributed.any_rank(step != distributed.broadcast_object(step), device):
+        raise distributed.agreed_error(f"the processes see different checkpoints in {run_dir}; put paths.runs on a "
+                                       "filesystem every machine shares (rank 0 writes, every rank resumes)")
 
     def save() -> None:
+        rng = {"gen": gen.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        ranks = distributed.gather_objects(rng)  # a collective: every rank calls save() at the same step
+        if not distributed.is_main():
+            return
         atomic_torch_save(ckpt_dir / CKPT_NAME, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "step": step,
-            "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "scheduler": sched.state_dict(), "step": step, "rng": rng,
+            **({"rng_ranks": ranks, "world_size": world} if world > 1 else {}),
         })
 
     say(console, f"training {count_parameters(model) / 1e6:.2f}M-parameter {cfg.backbone.name} on "
                   f"{data.name} ({n} images) for {steps} steps, batch {bs}, cond_drop {cfg.cond_drop.p}, "
-                  f"device {device}{', bf16' if use_bf16 else ''}")
-    log = open(Path(run_dir) / "train_log.jsonl", "a")
+                  f"device {device}{', bf16' if use_bf16 else ''}"
+                  f"{f', {world} processes' if world > 1 else ''}")
+    log = open(Path(run_dir) / "train_log.jsonl", "a") if distributed.is_main() else None
     model.train()
     t_start = time.perf_counter()
     t_last, loss_acc, n_acc, step0 = t_start, 0.0, 0, step
     progress = progress_bar(console, "train", "{task.fields[ips]:.0f} img/s")
+    stop = distributed.StopRequest()
+    poll = 1 if world == 1 else 10  # an all-reduce per poll; torchrun allows 30 s after SIGTERM
     try:
-        with progress:
+        with progress, stop:
             task = progress.add_task("train", total=steps, completed=step, loss=float("nan"), ips=0.0)
             while step < steps:
                 idx = batch_indices(step, n, bs, int(cfg.seed), device)
-                x, y = x_all[idx], y_all[idx]
+                x, y = x_all[idx[local]], y_all[idx[local]]
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 if cfg.dataset.get("hflip", False):
                     flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = loss_fn(model, x, y, gen)
+                    loss = loss_fn(net, x, y, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if tc.grad_clip:
@@ -157,29 +188,72 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                 n_acc += 1
                 if step % int(tc.log_every) == 0 or step == steps:
                     now = time.perf_counter()
-                    mean_loss = float(loss_acc) / n_acc
+                    mean_loss = distributed.all_reduce_mean(loss_acc, device) / n_acc
                     ips = n_acc * bs / (now - t_last)
                     if not torch.isfinite(torch.tensor(mean_loss)):
-                        raise CfgxError(f"training diverged at step {step} (loss {mean_loss}); lower "
-                                        "train.lr or raise train.warmup_steps")
-                    log.write(json.dumps({"step": step, "loss": round(mean_loss, 6),
-                                          "lr": sched.get_last_lr()[0], "img_per_s": round(ips, 1),
-                                          "elapsed_s": round(now - t_start, 2)}) + "\n")
-                    log.flush()
+                        raise distributed.agreed_error(f"training diverged at step {step} (loss {mean_loss}); "
+                                                       "lower train.lr or raise train.warmup_steps")
+                    if log is not None:
+                        log.write(json.dumps({"step": step, "loss": round(mean_loss, 6),
+                                              "lr": sched.get_last_lr()[0], "img_per_s": round(ips, 1),
+                                              "elapsed_s": round(now - t_start, 2)}) + "\n")
+                        log.flush()
                     progress.update(task, completed=step, loss=mean_loss, ips=ips)
                     t_last, loss_acc, n_acc = now, 0.0, 0
                 if step % int(tc.ckpt_every) == 0 or step == steps:
                     save()
                 if on_step is not None:
                     on_step(step)
+                if step < steps and (step % poll == 0) and stop.agreed(device):
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        save()
+        if step % int(tc.ckpt_every):  # not saved at this step yet
+            save()
+        distributed.barrier()  # no rank exits (which makes torchrun kill the rest) before the file is written
+        if log is not None:
+            log.close()
+        raise distributed.agreed_error(f"interrupted at step {step}; checkpoint saved, re-run the same command "
+                                       "to resume") from None
+    if log is not None:
         log.close()
-        raise CfgxError(f"interrupted at step {step}; checkpoint saved, re-run the same command to "
-                        "resume") from None
-    log.close()
     seconds = time.perf_counter() - t_start
     img_s = (step - step0) * bs / seconds if seconds > 0 else 0.0
     say(console, f"trained to step {step} in {seconds:.1f}s ({img_s:.0f} img/s)")
     out = ema.module.eval()
     return TrainResult(out, step, img_s, seconds)
+
+
+def _wrap_for_training(model: torch.nn.Module, device: torch.device, tc: DictConfig) -> torch.nn.Module:
+    """What the loss calls: the model, under DDP with several processes, compiled if asked.
+
+    Weights, EMA and checkpoints stay on the bare ``model``, so a checkpoint is the same
+    whatever the number of processes.
+    """
+    net = model
+    if distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_enabled(tc, device):
+        net = torch.compile(net)
+    if net is not model:
+        net.num_classes = model.num_classes  # the loss reads it; wrappers do not forward plain attributes
+    return net
+
+
+def compile_enabled(tc: DictConfig, device: torch.device) -> bool:
+    """``train.compile``: auto = on for CUDA (fused kernels pay off), off on CPU (compile time dominates)."""
+    c = tc.get("compile", "auto")
+    if isinstance(c, str) and c == "auto":
+        return device.type == "cuda"
+    return bool(c)
+
+
+def _rank_rng(ckpt: dict, rank: int, world: int) -> dict | None:
+    """This rank's saved RNG states, or None when the checkpoint came from another number of processes."""
+    if world == 1:
+        return ckpt["rng"] if int(ckpt.get("world_size", 1)) == 1 else None
+    ranks = ckpt.get("rng_ranks")
+    if ranks is None or len(ranks) != world:
+        return None
+    return ranks[rank]

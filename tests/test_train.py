@@ -113,3 +113,53 @@ def test_rerunning_an_interrupted_command_resumes_the_same_run_dir(tmp_path, cac
     assert run == runs[0] and len(list((tmp_path / "digits").iterdir())) == 1
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 10
     assert (run / "metrics.csv").is_file()
+
+
+def _losses(run):
+    import json
+
+    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_channels_last_trains_the_same_model_and_does_not_change_the_run(tmp_path, one_thread):
+    from cfgx.config import config_hash
+
+    data = build_dataset(compose([]).dataset)
+    dev = torch.device("cpu")
+    plain = train(compose(SMALL), data, new_run_dir(tmp_path, "p"), dev)
+    cl_run = new_run_dir(tmp_path, "cl")
+    cl = train(compose(SMALL + ["train.channels_last=true"]), data, cl_run, dev)
+    assert cl.step == plain.step == 10
+    torch.testing.assert_close(_weights(cl.model), _weights(plain.model), rtol=1e-4, atol=1e-5)
+    # An execution option, not a training choice: same config hash, so the run resumes either way.
+    assert config_hash(compose(SMALL)) == config_hash(compose(SMALL + ["train.channels_last=true",
+                                                                         "train.compile=false"]))
+    ckpt = load_checkpoint(cl_run / "checkpoints" / "last.pt")
+    model = build_backbone(compose(SMALL).backbone, data)
+    model.load_state_dict(ckpt["model"])  # a channels_last checkpoint loads into a default-layout model
+
+
+def test_compile_is_on_for_cuda_and_off_for_cpu_by_default():
+    from cfgx.train import compile_enabled
+
+    tc = compose([]).train
+    assert compile_enabled(tc, torch.device("cuda")) and not compile_enabled(tc, torch.device("cpu"))
+    assert compile_enabled(compose(["train.compile=true"]).train, torch.device("cpu"))
+    with pytest.raises(CfgxError, match="train.compile='fast'; valid: auto, true, false"):
+        from cfgx.config import validate
+
+        validate(compose(["train.compile=fast"]))
+
+
+@pytest.mark.slow  # compiling the U-Net on CPU took 235 s on the shared 2-core box (eager: 0.7 s)
+def test_compiled_training_step_matches_eager(tmp_path, one_thread):
+    data = build_dataset(compose([]).dataset)
+    dev = torch.device("cpu")
+    small = ["backbone.ch=8", "train.steps=6", "train.batch_size=16", "train.log_every=2", "train.ckpt_every=6"]
+    eager_run, comp_run = new_run_dir(tmp_path, "e"), new_run_dir(tmp_path, "c")
+    train(compose(small), data, eager_run, dev)
+    res = train(compose(small + ["train.compile=true"]), data, comp_run, dev)
+    assert res.step == 6
+    assert _losses(comp_run) == pytest.approx(_losses(eager_run), rel=1e-4)
+    assert set(load_checkpoint(comp_run / "checkpoints" / "last.pt")["model"]) == \
+        set(load_checkpoint(eager_run / "checkpoints" / "last.pt")["model"])  # no _orig_mod. prefixes

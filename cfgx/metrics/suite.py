@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cfgx import distributed
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
@@ -77,17 +78,16 @@ class EvalSuite:
         self.info: dict[str, Any] = {"real_reference": f"{data.name}:{self.split} ({self.n_real})"}
 
         if data.is_image:
-            from cfgx.metrics.eval_classifier import get_eval_classifier
-
-            self.clf, clf_info = get_eval_classifier(data, OmegaConf.to_container(cfg.dataset, resolve=True),
-                                                     OmegaConf.to_container(ec.classifier, resolve=True),
-                                                     cfg.paths.cache, device, console)
+            self.clf, clf_info = _shared_eval_classifier(data, OmegaConf.to_container(cfg.dataset, resolve=True),
+                                                         OmegaConf.to_container(ec.classifier, resolve=True),
+                                                         cfg.paths.cache, device, console)
             self.info.update({"extractor_classifier": f"eval_classifier:{clf_info['key']}",
                               "eval_classifier_acc": round(clf_info["held_out_accuracy"], 4)})
         else:  # toys: the exact clean posterior is the ideal classifier, raw coordinates the features
             self.clf = None
             self.info.update({"extractor_classifier": "exact_posterior", "eval_classifier_acc": None})
-        self.real = self._classifier_features(real_x)
+        # Only rank 0 scores, so only it needs the real side (the small classifier's pass is not worth sharding).
+        self.real = self._classifier_features(real_x) if distributed.is_main() else {}
 
         self.inception = None
         if "inception" in self.spaces:
@@ -128,14 +128,28 @@ class EvalSuite:
         key = cache.key(dataset=self.data.name, split=self.split, resolution=self.data.resolution,
                         channels=self.data.channels, n_real=self.n_real, subset_seed=0,
                         root=str(OmegaConf.select(cfg, "dataset.root", default=None)), **prov)
-        hit = cache.load(key)
-        if hit is None:
+        hit = cache.load(key) if distributed.is_main() else None
+        if not distributed.broadcast_object(hit is not None):
             say(self.console, f"computing Inception features of {self.n_real} real images (cached for every run "
                       f"and scale: {cache.path(key)})")
-            f = self.inception(to_uint8(real_x))
-            hit = {"pool": f.pool}
-            cache.save(key, hit)
-        self.real["inc_pool"] = hit["pool"]
+            pool = self._sharded_inception_pool(real_x)
+            if pool is not None:
+                hit = {"pool": pool}
+                cache.save(key, hit)
+        if hit is not None:
+            self.real["inc_pool"] = hit["pool"]
+
+    def _sharded_inception_pool(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inception pool3 of ``x``, chunks spread over the ranks; the whole on rank 0, None elsewhere.
+
+        Chunks are whole multiples of the extractor's batch, so each image sees the same
+        batches as in one process and the features match it exactly.
+        """
+        chunk = 16 * self.inception.batch_size
+        local = {k: self.inception(to_uint8(x[k * chunk:(k + 1) * chunk])).pool
+                 for k in distributed.my_share(math.ceil(len(x) / chunk))}
+        parts = distributed.gather_by_index(local)
+        return None if parts is None else torch.cat(parts)
 
     def features_in(self, space: str, x: torch.Tensor) -> torch.Tensor:
         """Features of one space only ("classifier" or "inception"), e.g. for nearest neighbours."""
@@ -187,6 +201,30 @@ class EvalSuite:
                     for c in range(self.data.num_classes) if int((real_y == c).sum()) > dim]
             row["fd_classifier_per_class"] = sum(vals) / len(vals) if vals else None
         return row
+
+
+def _shared_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root: str, device: torch.device,
+                            console=None):
+    """The evaluation classifier, the same on every rank.
+
+    Rank 0 loads it from the cache or trains it; the others receive its weights by
+    broadcast, so no rank trains its own copy (which on a GPU need not come out
+    bit-identical) and nodes need no shared cache folder.
+    """
+    from cfgx.metrics.eval_classifier import EvalCNN, get_eval_classifier
+
+    if not distributed.active():
+        return get_eval_classifier(data, dcfg, ccfg, cache_root, device, console)
+    payload = None
+    if distributed.is_main():
+        clf, info = get_eval_classifier(data, dcfg, ccfg, cache_root, device, console)
+        payload = ({k: v.cpu() for k, v in clf.state_dict().items()}, info)
+    state, info = distributed.broadcast_object(payload)
+    if distributed.is_main():
+        return clf, info
+    model = EvalCNN(data.shape[0], data.shape[-1], data.num_classes, int(ccfg["width"]))
+    model.load_state_dict(state)
+    return model.to(device).eval(), info
 
 
 __all__ = ["EvalSuite", "resolve_feature_spaces", "boundary_stats"]
