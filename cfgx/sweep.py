@@ -27,6 +27,7 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report import console_table, plot_run, write_tables
 from cfgx.runs import atomic_torch_save, atomic_write_json, device_name, scale_tag, versions
+from cfgx.safeload import UnreadableFileError, safe_load
 from cfgx.sample import balanced_labels, generate
 
 SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
@@ -204,8 +205,12 @@ class Sweeper:
                     fpath = feat_dir / f"{sample_keys[v]}-block{b}.pt"
                     feats = None
                     if fpath.is_file() and not overwrite:
-                        blob = torch.load(fpath, map_location="cpu", weights_only=False)
-                        feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
+                        try:  # a crafted file (UnsafeFileError) stops the sweep; a broken one is redone
+                            blob = safe_load(fpath)
+                            feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
+                        except (UnreadableFileError, KeyError, TypeError):
+                            feats = None
+                            say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")
                     if feats is None:
                         if x_cache is None:
                             batch = self._samples(s, b)

@@ -51,11 +51,9 @@ def batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Ten
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CfgxError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to "
-                        "restart training from the previous one, or from scratch") from None
+    from cfgx.safeload import safe_load
+
+    return safe_load(path, map_location, fix="delete it to restart training from scratch")
 
 
 def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule: NoiseSchedule,

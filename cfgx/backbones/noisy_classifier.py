@@ -34,6 +34,7 @@ from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.runs import atomic_torch_save
+from cfgx.safeload import UnreadableFileError, safe_load
 
 VERSION = "guideclf-v1"
 CACHE_NAME = "guidance_classifier.pt"
@@ -268,14 +269,15 @@ def get_guidance_classifier(run_dir: Path, data: DatasetBundle, schedule: NoiseS
     device = torch.device(device)
     if path.is_file():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            blob = safe_load(path)
             if blob.get("key") == key:
                 model = _build(data, schedule, blob["config"])
                 model.load_state_dict(blob["state"])
                 model.to(device).eval().requires_grad_(False)
                 return model, {**blob["info"], "cached": True}
             say(console, f"guidance classifier at {path} was trained with other options; retraining")
-        except Exception:
+        except (UnreadableFileError, KeyError, TypeError, RuntimeError, AttributeError):
+            # A crafted file (UnsafeFileError) propagates: refused, never retrained over silently.
             say(console, f"[yellow]guidance classifier cache {path} unreadable; retraining")
     kind = "image encoder" if data.is_image else "MLP"
     say(console, f"training the guidance classifier ({kind}, {cfg['steps']} steps) for {data.name}")

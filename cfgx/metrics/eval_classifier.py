@@ -20,6 +20,7 @@ from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
 from cfgx.runs import atomic_torch_save
+from cfgx.safeload import UnreadableFileError, safe_load
 
 VERSION = "evalcnn-v1"
 
@@ -115,10 +116,11 @@ def get_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root:
     model = EvalCNN(data.shape[0], data.shape[-1], data.num_classes, int(ccfg["width"]))
     if path.is_file():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            # A crafted file (UnsafeFileError) propagates: refused, never retrained over silently.
+            blob = safe_load(path)
             model.load_state_dict(blob["state"])
             return model.to(device).eval(), blob["info"]
-        except Exception:
+        except (UnreadableFileError, KeyError, TypeError, RuntimeError):
             say(console, f"[yellow]cached evaluation classifier {path} unreadable; retraining")
     say(console, f"training the evaluation classifier for {data.name} (cached at {path})")
     model, acc = train_eval_classifier(data, ccfg, device, console=console)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from cfgx.errors import CfgxError
+from cfgx.safeload import UnreadableFileError, safe_load
 
 
 def default_cache_root() -> Path:
@@ -48,9 +49,10 @@ class FeatureCache:
         if not p.is_file():
             return None
         try:
-            # weights_only: a cache directory is not trusted enough to unpickle code from.
-            data = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any corruption means "recompute"
+            # A cache directory is not trusted enough to unpickle code from: a crafted entry
+            # (UnsafeFileError) is an error, not a miss to overwrite quietly.
+            data = safe_load(p)
+        except UnreadableFileError as exc:  # any corruption means "recompute"
             warnings.warn(f"ignoring unreadable feature cache entry {p}: {exc}", stacklevel=2)
             return None
         if not isinstance(data, dict):
