@@ -94,8 +94,8 @@ def cmd_train(args: list[str]) -> int:
     def _task(cfg: DictConfig) -> None:
         try:
             train_task(cfg)
-        except CfgxError as e:
-            _fail(e)
+        except (CfgxError, OSError) as e:  # inside Hydra: convert here, or Hydra prints its own report
+            _fail(_user_error(e))
 
     old = sys.argv
     sys.argv = ["cfgx train", *args]
@@ -131,9 +131,10 @@ def _job_tag() -> str:
 def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None, console=None) -> Path:
     """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir."""
     from cfgx.data import build_dataset
+    from cfgx.locks import run_lock
+    from cfgx.preflight import check_before_training
     from cfgx.runs import (
         atomic_write_json,
-        atomic_write_text,
         find_resumable,
         new_run_dir,
         pick_device,
@@ -166,21 +167,26 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
                             "run, or repeat that run's options (see its overrides.yaml)")
     elif cfg.train.resume:
         run_dir = find_resumable(runs_root, data.name, h)
+    check_before_training(cfg, data, device, run_dir, console)
     if run_dir is None:
-        run_dir = new_run_dir(runs_root, data.name, _job_tag())
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
         meta = {"config_hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": int(cfg.seed),
                 "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": False,
                 **provenance(device)}
-        atomic_write_json(run_dir / "meta.json", meta)
+        run_dir = new_run_dir(runs_root, data.name, _job_tag(), files={
+            "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+            "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(overrides)),
+            "meta.json": json.dumps(meta, indent=2, default=str) + "\n"})
         console.print(f"run dir: {run_dir}")
-    result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
-    meta = read_meta(run_dir)
-    meta.update({"train_finished": True, "checkpoint_step": result.step,
-                 "train_img_per_s": round(result.img_per_s, 1),
-                 "train_seconds_last_call": round(result.seconds, 2)})
-    atomic_write_json(run_dir / "meta.json", meta)
+    lock = run_lock(run_dir)  # a second identical 'cfgx train' finds this run and must not train it too
+    try:
+        result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
+        meta = read_meta(run_dir)
+        meta.update({"train_finished": True, "checkpoint_step": result.step,
+                     "train_img_per_s": round(result.img_per_s, 1),
+                     "train_seconds_last_call": round(result.seconds, 2)})
+        atomic_write_json(run_dir / "meta.json", meta)
+    finally:
+        lock.release()
     run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
     return run_dir
 
@@ -242,9 +248,21 @@ def cmd_sweep(args: list[str]) -> int:
 
     cfg, run_dir = sweep_config(args)
     console = _console()
+    if cfg.postprocess.name != "none":
+        from cfgx.postprocess.flow import ignored_settings
+
+        typed = {_override_key(o).split(".", 1)[1]: OmegaConf.select(cfg, _override_key(o))
+                 for o in normalize_overrides(args) if _override_key(o).startswith("postprocess.")}
+        for line in ignored_settings(run_dir, typed):
+            console.print(line, markup=False)
     device = pick_device(str(cfg.device))
     data = build_dataset(cfg.dataset)
     model, step = load_ema_model(run_dir, cfg, data, NoiseSchedule.from_config(cfg.diffusion), device)
+    from cfgx.preflight import training_note
+
+    note = training_note(run_dir, step)
+    if note:
+        console.print(note, markup=False)
     console.print(f"sweeping {run_dir} (checkpoint step {step}) at s = "
                   f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
     run_sweep(cfg, run_dir, data, model, step, device, console)
@@ -265,6 +283,9 @@ def cmd_report(args: list[str]) -> int:
             out = Path(a.split("=", 1)[1])
         elif "=" in a:
             raise CfgxError(f"cfgx report takes run dirs and out=DIR, not {a!r}; e.g. cfgx report runs/digits/*")
+        elif not is_run_dir(Path(a).expanduser()):
+            raise CfgxError(f"{a} is not a cfgx run dir (no config.yaml/meta.json there); pass folders made by "
+                            "'cfgx train', e.g. cfgx report runs/digits/*")
         else:
             runs.append(resolve_run(a, Path("runs")))
     if not runs:
@@ -272,7 +293,7 @@ def cmd_report(args: list[str]) -> int:
     rows = []
     for r in runs:
         cfg = load_run_config(r)
-        rs = load_rows(r)
+        rs = load_rows(r, _console())
         if not rs:
             raise CfgxError(f"{r} has no sweep rows yet; run 'cfgx sweep run={r}' first")
         for row in rs:
@@ -411,6 +432,17 @@ COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "prepa
             "train-classifier": cmd_train_classifier, "postprocess": cmd_postprocess}
 
 
+def _user_error(e: BaseException) -> CfgxError:
+    """``e`` as the one line a user sees; errors that are not the user's (bugs) are re-raised."""
+    from cfgx.errors import DISK_ERRNOS, disk_error
+
+    if isinstance(e, CfgxError):
+        return e
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return disk_error(None, e, verb="access")
+    raise e
+
+
 def _fail(e: CfgxError) -> None:
     print(f"cfgx: error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
@@ -436,9 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[cmd](rest) or 0
-    except CfgxError as e:
-        print(f"cfgx: error: {e}", file=sys.stderr)
-        return e.exit_code
+    except (CfgxError, OSError) as e:
+        err = _user_error(e)
+        print(f"cfgx: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("cfgx: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -25,7 +25,7 @@ from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.runs import CKPT_NAME, atomic_torch_save
+from cfgx.runs import CKPT_NAME, AppendLog, atomic_torch_save
 
 
 @dataclass
@@ -127,7 +127,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     say(console, f"training {count_parameters(model) / 1e6:.2f}M-parameter {cfg.backbone.name} on "
                   f"{data.name} ({n} images) for {steps} steps, batch {bs}, cond_drop {cfg.cond_drop.p}, "
                   f"device {device}{', bf16' if use_bf16 else ''}")
-    log = open(Path(run_dir) / "train_log.jsonl", "a")
+    log = AppendLog(Path(run_dir) / "train_log.jsonl")
     model.train()
     t_start = time.perf_counter()
     t_last, loss_acc, n_acc, step0 = t_start, 0.0, 0, step

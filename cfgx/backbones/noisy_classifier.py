@@ -33,6 +33,7 @@ from cfgx.cpu import torch_threads
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
+from cfgx.locks import locked
 from cfgx.runs import atomic_torch_save
 from cfgx.safeload import UnreadableFileError, safe_load
 
@@ -267,6 +268,12 @@ def get_guidance_classifier(run_dir: Path, data: DatasetBundle, schedule: NoiseS
     key = _cache_key(data, schedule, cfg)
     path = Path(run_dir) / CACHE_NAME
     device = torch.device(device)
+    with locked(Path(run_dir) / f".{CACHE_NAME}.lock", f"the guidance classifier {path}", console):
+        return _load_or_train(data, schedule, cfg, key, path, device, console)
+
+
+def _load_or_train(data: DatasetBundle, schedule: NoiseSchedule, cfg: dict, key: str, path: Path,
+                   device: torch.device, console) -> tuple[nn.Module, dict[str, Any]]:
     if path.is_file():
         try:
             blob = safe_load(path)

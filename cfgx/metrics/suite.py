@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
+from cfgx.locks import locked
 from cfgx.metrics.classifier import boundary_stats, classifier_metrics
 from cfgx.metrics.diversity import (
     density_coverage,
@@ -128,13 +129,14 @@ class EvalSuite:
         key = cache.key(dataset=self.data.name, split=self.split, resolution=self.data.resolution,
                         channels=self.data.channels, n_real=self.n_real, subset_seed=0,
                         root=str(OmegaConf.select(cfg, "dataset.root", default=None)), **prov)
-        hit = cache.load(key)
-        if hit is None:
-            say(self.console, f"computing Inception features of {self.n_real} real images (cached for every run "
-                      f"and scale: {cache.path(key)})")
-            f = self.inception(to_uint8(real_x))
-            hit = {"pool": f.pool}
-            cache.save(key, hit)
+        with locked(cache.root / f".{key}.lock", f"real Inception features {cache.path(key)}", self.console):
+            hit = cache.load(key)
+            if hit is None:
+                say(self.console, f"computing Inception features of {self.n_real} real images (cached for every "
+                                  f"run and scale: {cache.path(key)})")
+                f = self.inception(to_uint8(real_x))
+                hit = {"pool": f.pool}
+                cache.save(key, hit)
         self.real["inc_pool"] = hit["pool"]
 
     def features_in(self, space: str, x: torch.Tensor) -> torch.Tensor:
