@@ -111,3 +111,161 @@ def test_crafted_checkpoint_subprocess_prints_one_line(run_copy, workdir):
     assert proc.returncode == 2
     assert "refusing to load" in one_error_line(proc.stderr)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def arena(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """A runs root holding a good run and damaged copies of it, plus broken image folders and weights."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("arena")
+    runs = root / "runs"
+    good = runs / "digits" / tiny_run.name
+    shutil.copytree(tiny_run, good)
+    paths = {"root": root, "runs": runs, "good": good}
+    for name in ("badyaml", "badmeta", "nockpt", "corrupt", "norows"):
+        paths[name] = root / "damaged" / name
+        shutil.copytree(tiny_run, paths[name])
+    (paths["badyaml"] / "config.yaml").write_text("dataset: {name: digits\n  : [unclosed\n")
+    (paths["badmeta"] / "meta.json").write_text("{not json")
+    (paths["nockpt"] / "checkpoints" / "last.pt").unlink()
+    (paths["corrupt"] / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04truncated")
+    shutil.rmtree(paths["norows"] / "sweep" / "rows")
+    for name, classes in (("empty", []), ("oneclass", ["a"]), ("notimage", ["a", "b"])):
+        paths[name] = root / "images" / name
+        paths[name].mkdir(parents=True)
+        for c in classes:
+            (paths[name] / c).mkdir()
+            Image.new("RGB", (8, 8), (40, 80, 120)).save(paths[name] / c / "x.png")
+    (paths["notimage"] / "b" / "notes.png").write_text("this is not a PNG")
+    paths["weights"] = root / "weights.pth"
+    paths["weights"].write_bytes(b"not an inception checkpoint")
+    paths["nodata"] = root / "nodata"
+    paths["nodata"].mkdir()
+    return paths
+
+
+def _train(*extra: str) -> list[str]:
+    from conftest import TINY
+
+    return ["train", *TINY, "paths.runs={runs}", *extra]
+
+
+IMG = ["dataset=imagefolder", "dataset.resolution=8"]
+INC = ["eval.features=[classifier,inception]"]
+
+# (argv with {placeholders} from the arena, words the one error line must contain)
+BAD_INPUTS = [
+    (_train("dataset=cifar11"), "unknown dataset"),
+    (_train("backbone=huge"), "valid: ddpm_cifar"),
+    (_train("sampler=euler"), "unknown sampler"),
+    (_train("cond_drop=1.5"), "outside [0, 1)"),
+    (_train("cond_drop=-0.1"), "outside [0, 1)"),
+    (_train("guidance=0,x"), "not a number"),
+    (_train("guidance=0,inf"), "not finite"),
+    (_train("train.steps=0"), "train.steps"),
+    (_train("train.steps=2.5"), "train.steps"),
+    (_train("train.batch_size=-1"), "train.batch_size"),
+    (_train("train.lr=0"), "train.lr"),
+    (_train("train.ema_decay=1"), "ema_decay"),
+    (_train("train.precision=fp8"), "train.precision"),
+    (_train("seed=xyz"), "seed='xyz' must be an integer"),
+    (_train("eval.seed=abc"), "eval.seed"),
+    (_train("sampler.steps=2000"), "exceeds diffusion.num_steps"),
+    (_train("sampler.eta=2"), "sampler.eta"),
+    (_train("guidance.method=magic"), "guidance.method"),
+    (_train("diffusion.schedule=quadratic"), "diffusion.schedule"),
+    (_train("eval.num_samples=0"), "eval.num_samples"),
+    (_train("eval.seed_blocks=0"), "eval.seed_blocks"),
+    (_train("nosuchkey=1"), "nosuchkey"),
+    (_train("device=tpu"), "not a torch device"),
+    (_train("-m", "cond_drop=0.1,2"), "outside [0, 1)"),
+    (_train("run=/nonexistent/run"), "not a cfgx run dir"),
+    (_train("run={good}", "train.steps=99"), "different config"),
+    # Found before training by the up-front checks (nothing is trained, no run dir appears).
+    (_train("eval.real_split=validation"), "eval.real_split"),
+    (_train("eval.features=[magic]"), "eval.features"),
+    (_train(*INC, "eval.inception_weights=/nonexistent/w.pth"), "Inception weights not found"),
+    (_train(*INC, "eval.inception_weights={weights}"), "could not be loaded"),
+    (_train("eval.classifier.steps=2"), "evaluation classifier"),
+    (_train("postprocess=flow"), "needs a trained run"),
+    (_train(*IMG, "dataset.root=/nonexistent/images"), "not a directory"),
+    (_train(*IMG, "dataset.root={empty}"), "no images found"),
+    (_train(*IMG, "dataset.root={oneclass}"), "at least two"),
+    (_train(*IMG, "dataset.root={notimage}"), "notes.png is not a readable image"),
+    (_train("dataset=mnist", "dataset.root={nodata}"), "not found under"),
+    (["sweep", "run=/nonexistent/run"], "not a cfgx run dir"),
+    (["sweep", "run={good}", "guidance=1,abc"], "not a number"),
+    (["sweep", "run={good}", "guidance=abc"], "valid: default"),
+    (["sweep", "run={good}", "backbone=tiny"], "changes training"),
+    (["sweep", "run={good}", "eval.real_split=validation"], "eval.real_split"),
+    (["sweep", "run={good}", "eval.num_samples=0"], "eval.num_samples"),
+    (["sweep", "run={good}", "device=tpu"], "not a torch device"),
+    (["sweep", "run={good}", "postprocess=flow"], "no trained postprocessor"),
+    (["sweep", "run={badyaml}"], "config.yaml is not a readable cfgx config"),
+    (["sweep", "run={badmeta}", "guidance=1"], "meta.json is not readable JSON"),
+    (["sweep", "run={nockpt}"], "no checkpoint"),
+    (["sweep", "run={corrupt}"], "last.pt is corrupt or unreadable"),
+    (["report", "/nonexistent/run"], "/nonexistent/run is not a cfgx run dir"),
+    (["report"], "needs at least one run dir"),
+    (["report", "{good}", "foo=bar"], "takes run dirs"),
+    (["report", "{norows}"], "no sweep rows yet"),
+    (["report", "{good}", "out={good}"], "is a run dir"),
+    (["toy", "dataset=digits"], "analytic mixtures"),
+    (["toy", "guidance=x"], "unknown guidance"),
+    (["postprocess", "run={good}", "postprocess=none"], "trains nothing"),
+    (["postprocess", "run={good}", "postprocess.nn_space=magic"], "nn_space"),
+    (["train-classifier", "run=/nonexistent/run"], "not a cfgx run dir"),
+    (["frobnicate"], "unknown command"),
+]
+
+
+def run_main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # errors raised inside Hydra's task leave through sys.exit
+        return int(e.code or 0)
+
+
+def tree(folder: Path) -> tuple[dict[str, bytes], list[str]]:
+    return snapshot(folder), sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_bad_input_table(arena, workdir, capsys):
+    """Every bad input: exit 2, one stderr line naming the problem, no traceback, nothing written or lost."""
+    assert len(BAD_INPUTS) >= 40
+    before = tree(arena["root"])
+    failures = []
+    for argv, needle in BAD_INPUTS:
+        argv = [a.format(**{k: str(v) for k, v in arena.items()}) for a in argv]
+        code = run_main(argv)
+        out, err = capsys.readouterr()
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        ok = (code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in out + err
+              and lines[0].startswith("cfgx: error: "))
+        if not ok:
+            failures.append(f"{' '.join(argv[:1] + argv[-2:])}: exit {code}, stderr {err.strip()[-300:]!r}")
+        elif tree(arena["root"]) != before:
+            failures.append(f"{' '.join(argv)}: changed files under {arena['root']}")
+            before = tree(arena["root"])
+    assert not failures, "\n".join(failures)
+    assert not (workdir / "runs").exists()
+
+
+def test_bad_inputs_in_a_subprocess_print_one_line(arena, workdir):
+    """The real entry point: no traceback reaches the terminal (Hydra's own handler included)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args, needle in [(["sweep", f"run={arena['badyaml']}"], "not a readable cfgx config"),
+                         (["train", *IMG, f"dataset.root={arena['notimage']}", f"paths.runs={arena['runs']}"],
+                          "not a readable image"),
+                         (["train", *INC, f"eval.inception_weights={arena['weights']}", "eval.classifier.steps=150",
+                           "eval.classifier.width=8", f"paths.runs={arena['runs']}"], "could not be loaded"),
+                         (["report", "/nonexistent/run"], "is not a cfgx run dir")]:
+        proc = subprocess.run([sys.executable, "-m", "cfgx", *args], cwd=workdir, capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in one_error_line(proc.stderr)
+        assert "Traceback" not in proc.stdout
