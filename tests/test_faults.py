@@ -269,3 +269,106 @@ def test_bad_inputs_in_a_subprocess_print_one_line(arena, workdir):
         assert proc.returncode == 2, proc.stderr
         assert needle in one_error_line(proc.stderr)
         assert "Traceback" not in proc.stdout
+
+
+# ---------------------------------------------------------------- file modes and locks
+
+
+def test_files_and_run_dirs_honour_the_umask(tmp_path):
+    from cfgx.metrics.feature_cache import FeatureCache
+    from cfgx.runs import atomic_write_text, new_run_dir
+
+    old = os.umask(0o002)
+    try:
+        run = new_run_dir(tmp_path / "runs", "digits", files={"config.yaml": "a: 1\n"})
+        atomic_write_text(run / "metrics.md", "x")
+        entry = FeatureCache(tmp_path / "cache").save("k", {"pool": torch.zeros(2)})
+        assert run.stat().st_mode & 0o777 == 0o775
+        for f in (run / "config.yaml", run / "metrics.md", entry):
+            assert f.stat().st_mode & 0o777 == 0o664, f
+        os.umask(0o077)
+        atomic_write_text(run / "private.txt", "x")
+        assert (run / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert not list((tmp_path / "runs" / "digits").glob(".*"))  # no staging folder left behind
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from cfgx.locks import acquire
+acquire(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+if len(sys.argv) > 3:  # finish the work the lock guarded, then exit (which releases the lock)
+    Path(sys.argv[3]).rename(sys.argv[4])
+"""
+
+
+def hold_lock(path: Path, seconds: float, *rename: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(seconds), *map(str, rename)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_killed_holder_leaves_a_stale_lock_that_the_next_process_takes(tmp_path):
+    from cfgx.locks import acquire, holder
+
+    path = tmp_path / ".train.lock"
+    proc = hold_lock(path, 60)
+    assert holder(path).startswith(f"pid {proc.pid} on ")
+    assert acquire(path, wait=False) is None
+    proc.kill()
+    proc.wait()
+    assert path.exists() and holder(path) is None  # left behind, but stale
+    lock = acquire(path, wait=False)
+    assert lock is not None and holder(path).startswith(f"pid {os.getpid()} on ")  # recovered: ours now
+    lock.release()
+    assert not path.exists()
+
+
+def test_second_train_of_a_run_being_trained_is_refused_and_sweep_says_so(tiny_run, workdir, capsys):
+    from conftest import TINY
+
+    root = workdir / "lockruns"
+    run = root / "digits" / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    meta = (run / "meta.json").read_text().replace('"train_finished": true', '"train_finished": false')
+    (run / "meta.json").write_text(meta)
+    proc = hold_lock(run / ".train.lock", 120)
+    try:
+        before = snapshot(run)
+        assert run_main(["train", *TINY, f"paths.runs={root}"]) == 2  # finds this run to resume: it is busy
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{run} is being trained by pid {proc.pid}" in line
+        assert snapshot(run) == before and len(list((root / "digits").iterdir())) == 1
+        assert run_main(["sweep", "guidance=1", f"run={run}"]) == 0
+        out = capsys.readouterr().out
+        assert f"is still being trained (pid {proc.pid}" in out and "step 12 of 12" in out
+    finally:
+        proc.kill()
+        proc.wait()
+    assert run_main(["sweep", "guidance=1", f"run={run}"]) == 0
+    assert "training of" in capsys.readouterr().out  # unfinished (meta says so), nobody training it
+
+
+def test_concurrent_sweep_waits_for_a_scale_in_progress_and_reuses_its_row(tiny_run, workdir, capsys):
+    import re
+
+    run = workdir / "digits" / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    rows = run / "sweep" / "rows"
+    row = next(p for p in rows.glob("*.json") if p.stem.endswith("-s1"))
+    aside = run / "row.tmp"
+    row.rename(aside)
+    sample_key = re.sub(r"-m[0-9a-f]+-s1$", "-s1", row.stem)
+    proc = hold_lock(rows / f".{sample_key}.lock", 2, aside, row)  # "another sweep" finishing s=1
+    try:
+        assert run_main(["sweep", "guidance=1", f"run={run}"]) == 0
+    finally:
+        proc.wait()
+    out = capsys.readouterr().out
+    assert "waiting for s=1" in out and "already in the table" in out
