@@ -372,3 +372,143 @@ def test_concurrent_sweep_waits_for_a_scale_in_progress_and_reuses_its_row(tiny_
         proc.wait()
     out = capsys.readouterr().out
     assert "waiting for s=1" in out and "already in the table" in out
+
+
+# ---------------------------------------------------------------- SIGKILL and full disks
+
+
+# Timings and bookkeeping of a particular process, not results: they differ between any two runs.
+NOT_RESULTS = ("timing", "resumed_from", "pairs_per_s", "samples_per_s")
+
+
+def same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k not in NOT_RESULTS and not str(k).endswith("seconds") and not str(k).endswith("seconds_this_call"):
+                same(a[k], b[k], f"{where}[{k}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_results(a: Path, b: Path, parts: list[str]) -> None:
+    """Every file of ``parts`` (files or folders) in run ``b`` holds exactly what it holds in run ``a``."""
+    import json
+
+    from cfgx.safeload import safe_load
+
+    for part in parts:
+        files = sorted(p.relative_to(a) for p in (a / part).rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = files or [Path(part)]
+        assert files == sorted(p.relative_to(b) for p in (b / part).rglob("*")
+                               if p.is_file() and not p.name.startswith(".")) or (b / part).is_file(), part
+        for rel in files:
+            if rel.suffix == ".pt":
+                same(safe_load(a / rel), safe_load(b / rel), str(rel))
+            elif rel.suffix == ".json":
+                same(json.loads((a / rel).read_text()), json.loads((b / rel).read_text()), str(rel))
+
+
+def visible_runs(root: Path) -> list[Path]:
+    d = root / "runs" / "digits"
+    return sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+
+
+KILL_TRAIN = ["backbone.ch=8", "train.batch_size=16", "train.steps=60", "train.ckpt_every=4", "train.log_every=4",
+              "eval.num_samples=20", "eval.batch_size=20", "sampler.steps=4", "eval.classifier.steps=150",
+              "eval.classifier.width=8", "guidance=1", "paths.runs=runs"]
+
+
+def test_train_ends_bit_identical_after_sigkills_and_full_disks(workdir, cache_dir, tiny_run):
+    """5+ seeded SIGKILLs, then ENOSPC at 4 points: re-runs reach the undisturbed run's weights and rows."""
+    import random
+
+    import faultkit
+
+    from cfgx.runs import read_meta
+    from cfgx.safeload import safe_load
+
+    dirs = {k: workdir / k for k in "abc"}
+    for d in dirs.values():
+        d.mkdir()
+    argv = ["train", *KILL_TRAIN]
+    code, seconds = faultkit.run(argv, dirs["a"], cache_dir)
+    assert code == 0, (dirs["a"] / "stderr.txt").read_text()
+    (ref,) = visible_runs(dirs["a"])
+
+    def resume_in(d: Path):
+        def next_argv():  # once training is done, the documented way to finish is 'cfgx sweep'
+            runs = visible_runs(d)
+            if runs and read_meta(runs[0]).get("train_finished"):
+                return ["sweep", f"run=runs/digits/{runs[0].name}"]
+            return argv
+        return next_argv
+
+    landed = faultkit.kill_until_done(argv, dirs["b"], cache_dir, seconds, seed=12, after_kill=resume_in(dirs["b"]))
+    assert landed >= 5
+    (run_b,) = visible_runs(dirs["b"])
+    assert_same_results(ref, run_b, ["checkpoints/last.pt", "sweep/features", "sweep/rows"])
+
+    # Full disk: in the run dir's creation, at the 2nd and 5th checkpoint of a process (steps 8, 36), and
+    # in the sweep's first writes once training (10 more checkpoints from step 24) is done.
+    ckpt = (ref / "checkpoints" / "last.pt").stat().st_size
+    rng = random.Random(12)
+    budgets = [rng.randint(100, 2000), int(ckpt * 1.5), int(ckpt * 4.5), int(ckpt * 10 + rng.randint(5000, 20000))]
+    c, next_argv = dirs["c"], resume_in(dirs["c"])
+    for budget in budgets:
+        code, _ = faultkit.run(next_argv(), c, cache_dir, full_after=budget)
+        assert code == 2, f"no ENOSPC with a budget of {budget} bytes (checkpoint {ckpt} bytes)"
+        line = one_error_line((c / "stderr.txt").read_text())
+        assert "No space left on device" in line and "cannot write runs/" in line, line
+        assert not [p for p in (c / "runs").rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".new")]
+        for run in visible_runs(c):  # the last good checkpoint stays loadable
+            if (run / "checkpoints" / "last.pt").exists():
+                safe_load(run / "checkpoints" / "last.pt")
+    code, _ = faultkit.run(next_argv(), c, cache_dir)
+    assert code == 0, (c / "stderr.txt").read_text()
+    (run_c,) = visible_runs(c)
+    assert_same_results(ref, run_c, ["checkpoints/last.pt", "sweep/features", "sweep/rows"])
+
+
+def _two_copies(tiny_run: Path, workdir: Path, drop: str) -> tuple[Path, Path]:
+    out = []
+    for k in "ab":
+        run = workdir / k / "runs" / "digits" / tiny_run.name
+        shutil.copytree(tiny_run, run)
+        shutil.rmtree(run / drop, ignore_errors=True)
+        out.append(workdir / k)
+    return out[0], out[1]
+
+
+def test_sweep_ends_bit_identical_after_sigkills(workdir, cache_dir, tiny_run):
+    import faultkit
+
+    a, b = _two_copies(tiny_run, workdir, "sweep")
+    argv = ["sweep", f"run=runs/digits/{tiny_run.name}", "guidance=0,1,3,5"]
+    code, seconds = faultkit.run(argv, a, cache_dir)
+    assert code == 0, (a / "stderr.txt").read_text()
+    assert faultkit.kill_until_done(argv, b, cache_dir, seconds, seed=7) >= 5
+    rel = Path("runs") / "digits" / tiny_run.name
+    assert_same_results(a / rel, b / rel, ["sweep/features", "sweep/rows", "metrics.json"])
+
+
+POST = ["postprocess.steps=48", "postprocess.samples_per_scale=20", "postprocess.train_scales=[1,3]",
+        "postprocess.batch_size=8", "postprocess.ckpt_every=4", "postprocess.k=3", "postprocess.apply_steps=2"]
+
+
+def test_postprocess_ends_bit_identical_after_sigkills(workdir, cache_dir, tiny_run):
+    import faultkit
+
+    a, b = _two_copies(tiny_run, workdir, "postprocess")
+    argv = ["postprocess", f"run=runs/digits/{tiny_run.name}", *POST]
+    code, seconds = faultkit.run(argv, a, cache_dir)
+    assert code == 0, (a / "stderr.txt").read_text()
+    assert faultkit.kill_until_done(argv, b, cache_dir, seconds, seed=3) >= 5
+    rel = Path("runs") / "digits" / tiny_run.name
+    assert_same_results(a / rel, b / rel, ["postprocess/flow.pt", "postprocess/pairs.pt", "postprocess/info.json"])
