@@ -512,3 +512,33 @@ def test_postprocess_ends_bit_identical_after_sigkills(workdir, cache_dir, tiny_
     assert faultkit.kill_until_done(argv, b, cache_dir, seconds, seed=3) >= 5
     rel = Path("runs") / "digits" / tiny_run.name
     assert_same_results(a / rel, b / rel, ["postprocess/flow.pt", "postprocess/pairs.pt", "postprocess/info.json"])
+
+
+def test_sweep_names_options_the_trained_flow_overrides(workdir, tiny_run, capsys):
+    import faultkit
+
+    run = workdir / "runs" / "digits" / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    argv = ["postprocess", f"run=runs/digits/{tiny_run.name}", *POST[1:], "postprocess.steps=4"]
+    code, _ = faultkit.run(argv, workdir, Path(os.environ["CFGX_CACHE"]))
+    assert code == 0, (workdir / "stderr.txt").read_text()
+    assert run_main(["sweep", f"run={run}", "postprocess=flow", "guidance=1", "postprocess.k=0",
+                     "postprocess.apply_steps=1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "postprocess.k=0 ignored: the trained flow" in out and "used k=3" in out
+    assert "apply_steps" not in out.split("sweeping")[0]  # apply_* options do apply: nothing to say
+
+
+def test_unreadable_row_files_are_named_and_recomputed(run_copy, workdir, capsys):
+    import json
+
+    rows = run_copy / "sweep" / "rows"
+    victim = next(p for p in rows.glob("*.json") if p.stem.endswith("-s1"))
+    victim.write_text("{half a row")
+    (rows / "foreign.json").write_text("not json")
+    assert run_main(["sweep", "guidance=0,1,3", f"run={run_copy}"]) == 0
+    out = "".join(capsys.readouterr().out.split())  # rich wraps long lines, paths included
+    assert f"rowfile{victim}isunreadable;recomputingit" in out
+    assert "ignoringunreadablerowfile" in out and "foreign.json" in out
+    assert json.loads(victim.read_text())["s"] == 1.0
+    assert sorted(r["s"] for r in json.loads((run_copy / "metrics.json").read_text())) == [0.0, 1.0, 3.0]
