@@ -124,7 +124,7 @@ def locked(path: Path, what: str = "", console=None) -> Iterator[FileLock]:
 
 def release_all(under: Path) -> None:
     """Release every lock this process holds below ``under`` (after an error cut a loop short)."""
-    root = str(Path(under))
+    root = str(Path(under)) + os.sep
     for key in [k for k in _HELD if k.startswith(root)]:
         _HELD[key].release()
 
