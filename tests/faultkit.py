@@ -113,7 +113,7 @@ def kill_until_done(argv: list[str], cwd: Path, cache: Path, seconds: float, see
     landed, attempts = 0, 0
     while landed < kills and attempts < 4 * kills:
         attempts += 1
-        code, _ = run(argv, cwd, cache, kill_after=rng.uniform(0.03, 0.25) * seconds)
+        code, _ = run(argv, cwd, cache, kill_after=rng.uniform(0.02, 0.15) * seconds)
         if code == -9:
             landed += 1
         elif code != 0:

@@ -300,9 +300,16 @@ from pathlib import Path
 from cfgx.locks import acquire
 acquire(Path(sys.argv[1]))
 print("held", flush=True)
-time.sleep(float(sys.argv[2]))
-if len(sys.argv) > 3:  # finish the work the lock guarded, then exit (which releases the lock)
+if len(sys.argv) > 3:  # once another process waits for the lock (/proc/locks: "->"), finish the guarded work
+    inode = f":{Path(sys.argv[1]).stat().st_ino} "
+    t0 = time.time()
+    while time.time() - t0 < float(sys.argv[2]):
+        if any("->" in ln and inode in ln for ln in open("/proc/locks")):
+            break
+        time.sleep(0.05)
     Path(sys.argv[3]).rename(sys.argv[4])
+else:
+    time.sleep(float(sys.argv[2]))
 """
 
 
@@ -365,7 +372,7 @@ def test_concurrent_sweep_waits_for_a_scale_in_progress_and_reuses_its_row(tiny_
     aside = run / "row.tmp"
     row.rename(aside)
     sample_key = re.sub(r"-m[0-9a-f]+-s1$", "-s1", row.stem)
-    proc = hold_lock(rows / f".{sample_key}.lock", 2, aside, row)  # "another sweep" finishing s=1
+    proc = hold_lock(rows / f".{sample_key}.lock", 300, aside, row)  # "another sweep" finishing s=1
     try:
         assert run_main(["sweep", "guidance=1", f"run={run}"]) == 0
     finally:
