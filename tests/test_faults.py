@@ -88,8 +88,9 @@ def overrides_of(run: Path) -> list[str]:
 def test_crafted_cache_files_are_refused(run_copy, workdir, capsys, which):
     marker = workdir / "PWNED"
     if which == "features":
-        target = sorted((run_copy / "sweep" / "features").glob("*.pt"))[0]
-        args = ["sweep", "guidance=0,1,3", f"run={run_copy}", "eval.overwrite=false"]
+        # The s=1 features of the run's own sweep (other tests add sweeps of other sizes to the session's run).
+        target = next((run_copy / "sweep" / "features").glob("cfg-none-*-n40-*-s1-block0.pt"))
+        args = ["sweep", "guidance=1", f"run={run_copy}", "eval.overwrite=false"]
         for row in (run_copy / "sweep" / "rows").glob("*.json"):
             row.unlink()  # rows gone, so the sweep reads the cached features
     else:
@@ -368,7 +369,7 @@ def test_concurrent_sweep_waits_for_a_scale_in_progress_and_reuses_its_row(tiny_
     run = workdir / "digits" / tiny_run.name
     shutil.copytree(tiny_run, run)
     rows = run / "sweep" / "rows"
-    row = next(p for p in rows.glob("*.json") if p.stem.endswith("-s1"))
+    row = next(rows.glob("cfg-none-*-n40-*-s1.json"))
     aside = run / "row.tmp"
     row.rename(aside)
     sample_key = re.sub(r"-m[0-9a-f]+-s1$", "-s1", row.stem)
@@ -540,7 +541,7 @@ def test_unreadable_row_files_are_named_and_recomputed(run_copy, workdir, capsys
     import json
 
     rows = run_copy / "sweep" / "rows"
-    victim = next(p for p in rows.glob("*.json") if p.stem.endswith("-s1"))
+    victim = next(rows.glob("cfg-none-*-n40-*-s1.json"))
     victim.write_text("{half a row")
     (rows / "foreign.json").write_text("not json")
     assert run_main(["sweep", "guidance=0,1,3", f"run={run_copy}"]) == 0
@@ -548,4 +549,5 @@ def test_unreadable_row_files_are_named_and_recomputed(run_copy, workdir, capsys
     assert f"rowfile{victim}isunreadable;recomputingit" in out
     assert "ignoringunreadablerowfile" in out and "foreign.json" in out
     assert json.loads(victim.read_text())["s"] == 1.0
-    assert sorted(r["s"] for r in json.loads((run_copy / "metrics.json").read_text())) == [0.0, 1.0, 3.0]
+    table = json.loads((run_copy / "metrics.json").read_text())
+    assert sorted(r["s"] for r in table if r["num_samples"] == 40 and r["method"] == "cfg") == [0.0, 1.0, 3.0]
