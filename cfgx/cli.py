@@ -110,8 +110,8 @@ def cmd_train(args: list[str]) -> int:
     def _task(cfg: DictConfig) -> None:
         try:
             train_task(cfg)
-        except CfgxError as e:
-            _fail(e)
+        except (CfgxError, OSError) as e:  # inside Hydra: convert here, or Hydra prints its own report
+            _fail(_user_error(e))
 
     old = sys.argv
     sys.argv = ["cfgx train", *args]
@@ -175,6 +175,7 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir."""
     from cfgx import distributed
     from cfgx.data import build_dataset
+    from cfgx.locks import run_lock
     from cfgx.runs import atomic_write_json, read_meta
     from cfgx.sweep import run_sweep
     from cfgx.train import train
@@ -193,40 +194,44 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     h = config_hash(cfg)
     overrides = overrides if overrides is not None else _job_overrides()
 
-    # Rank 0 alone looks for / creates the run dir; every rank then trains that one (or fails alike).
+    # Rank 0 alone checks what the sweep will need, finds or creates the run dir and locks it;
+    # every rank then trains that one (or fails alike).
     choice: str | CfgxError | None = None
+    lock = None
     if distributed.is_main():
         try:
-            choice = str(_choose_run_dir(cfg, data, h, overrides, device, console))
+            run_dir = _choose_run_dir(cfg, data, h, overrides, device, console)
+            lock = run_lock(run_dir)  # a second identical 'cfgx train' finds this run and must not train it too
+            choice = str(run_dir)
         except CfgxError as e:
             choice = e
     choice = distributed.broadcast_object(choice)
     if isinstance(choice, CfgxError):
         raise distributed.agreed_error(str(choice)) if distributed.active() else choice
     run_dir = Path(choice)
-    result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
-    if distributed.is_main():
-        meta = read_meta(run_dir)
-        meta.update({"train_finished": True, "checkpoint_step": result.step,
-                     "train_img_per_s": round(result.img_per_s, 1),
-                     "train_seconds_last_call": round(result.seconds, 2),
-                     "train_processes": distributed.world_size()})
-        atomic_write_json(run_dir / "meta.json", meta)
+    try:
+        result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
+        if distributed.is_main():
+            meta = read_meta(run_dir)
+            meta.update({"train_finished": True, "checkpoint_step": result.step,
+                         "train_img_per_s": round(result.img_per_s, 1),
+                         "train_seconds_last_call": round(result.seconds, 2),
+                         "train_processes": distributed.world_size()})
+            atomic_write_json(run_dir / "meta.json", meta)
+    finally:
+        if lock is not None:
+            lock.release()
     run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
     return run_dir
 
 
 def _choose_run_dir(cfg: DictConfig, data, h: str, overrides: list[str], device, console) -> Path:
-    """The run to train: run=PATH, the unfinished run of this config, or a new one (rank 0 only)."""
-    from cfgx.runs import (
-        atomic_write_json,
-        atomic_write_text,
-        find_resumable,
-        new_run_dir,
-        provenance,
-        read_meta,
-        resolve_run,
-    )
+    """The run to train: run=PATH, the unfinished run of this config, or a new one (rank 0 only).
+
+    Everything the run's sweep will need is checked first, so a typo fails before any training.
+    """
+    from cfgx.preflight import check_before_training
+    from cfgx.runs import find_resumable, new_run_dir, provenance, read_meta, resolve_run
 
     runs_root = Path(str(cfg.paths.runs))
     run_dir = None
@@ -237,14 +242,15 @@ def _choose_run_dir(cfg: DictConfig, data, h: str, overrides: list[str], device,
                             "run, or repeat that run's options (see its overrides.yaml)")
     elif cfg.train.resume:
         run_dir = find_resumable(runs_root, data.name, h)
+    check_before_training(cfg, data, device, run_dir, console)
     if run_dir is None:
-        run_dir = new_run_dir(runs_root, data.name, _job_tag())
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
         meta = {"config_hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": int(cfg.seed),
                 "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": False,
                 **provenance(device)}
-        atomic_write_json(run_dir / "meta.json", meta)
+        run_dir = new_run_dir(runs_root, data.name, _job_tag(), files={
+            "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+            "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(overrides)),
+            "meta.json": json.dumps(meta, indent=2, default=str) + "\n"})
         if console is not None:
             console.print(f"run dir: {run_dir}")
     return run_dir
@@ -311,9 +317,21 @@ def cmd_sweep(args: list[str]) -> int:
         return distributed.relaunch(nproc, ["sweep", *args])
     device = distributed.setup_from_config(cfg)
     console = _console() if distributed.is_main() else None
+    if cfg.postprocess.name != "none" and console is not None:
+        from cfgx.postprocess.flow import ignored_settings
+
+        typed = {_override_key(o).split(".", 1)[1]: OmegaConf.select(cfg, _override_key(o))
+                 for o in normalize_overrides(args) if _override_key(o).startswith("postprocess.")}
+        for line in ignored_settings(run_dir, typed):
+            console.print(line, markup=False)
     with distributed.main_first():
         data = build_dataset(cfg.dataset)
     model, step = load_ema_model(run_dir, cfg, data, NoiseSchedule.from_config(cfg.diffusion), device)
+    from cfgx.preflight import training_note
+
+    note = training_note(run_dir, step)
+    if note and console is not None:
+        console.print(note, markup=False)
     say(console, f"sweeping {run_dir} (checkpoint step {step}) at s = "
                   f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
     run_sweep(cfg, run_dir, data, model, step, device, console)
@@ -334,6 +352,9 @@ def cmd_report(args: list[str]) -> int:
             out = Path(a.split("=", 1)[1])
         elif "=" in a:
             raise CfgxError(f"cfgx report takes run dirs and out=DIR, not {a!r}; e.g. cfgx report runs/digits/*")
+        elif not is_run_dir(Path(a).expanduser()):
+            raise CfgxError(f"{a} is not a cfgx run dir (no config.yaml/meta.json there); pass folders made by "
+                            "'cfgx train', e.g. cfgx report runs/digits/*")
         else:
             runs.append(resolve_run(a, Path("runs")))
     if not runs:
@@ -341,7 +362,7 @@ def cmd_report(args: list[str]) -> int:
     rows = []
     for r in runs:
         cfg = load_run_config(r)
-        rs = load_rows(r)
+        rs = load_rows(r, _console())
         if not rs:
             raise CfgxError(f"{r} has no sweep rows yet; run 'cfgx sweep run={r}' first")
         for row in rs:
@@ -497,6 +518,17 @@ def _report(e: CfgxError) -> None:
     print(f"cfgx: error: {f'[rank {r}] ' if r else ''}{e}", file=sys.stderr, flush=True)
 
 
+def _user_error(e: BaseException) -> CfgxError:
+    """``e`` as the one line a user sees; errors that are not the user's (bugs) are re-raised."""
+    from cfgx.errors import DISK_ERRNOS, disk_error
+
+    if isinstance(e, CfgxError):
+        return e
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return disk_error(None, e, verb="access")
+    raise e
+
+
 def _fail(e: CfgxError) -> None:
     _report(e)
     sys.exit(e.exit_code)
@@ -528,9 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[cmd](rest) or 0
-    except CfgxError as e:
-        _report(e)
-        return e.exit_code
+    except (CfgxError, OSError) as e:
+        err = _user_error(e)
+        _report(err)
+        return err.exit_code
     except KeyboardInterrupt:
         print("cfgx: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -153,6 +153,9 @@ def _num(cfg: DictConfig, key: str) -> float:
 
 def validate(cfg: DictConfig) -> None:
     """Range/type checks that Hydra's struct mode does not do. Raises CfgxError."""
+    for key in ("seed", "eval.seed"):
+        v = OmegaConf.select(cfg, key)
+        _require(isinstance(v, int) and not isinstance(v, bool), f"{key}={v!r} must be an integer; e.g. {key}=0")
     p = _num(cfg, "cond_drop.p")
     _require(0 <= p < 1, f"cond_drop={p} is outside [0, 1); use e.g. cond_drop=0.1 "
                          "(Ho & Salimans: 0.1-0.2 work well)")

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cfgx.runs import atomic_write_json, atomic_write_text
+from cfgx.runs import atomic_savefig, atomic_write_json, atomic_write_text
 
 # Key columns for the console (fits 80 columns); the files hold every column.
 CONSOLE_COLUMNS = [("s", "s"), ("w_ho", "w"), ("accuracy", "acc"), ("fd_classifier", "FD(clf)"),
@@ -131,7 +131,7 @@ def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(out_dir / f"{prefix}_tradeoff.png")
-    fig.savefig(paths[-1], dpi=110)
+    atomic_savefig(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     for fname, keys, title in [("precision_recall", ("precision", "recall", "density", "coverage"),
@@ -155,7 +155,7 @@ def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path
         fig.suptitle(title)
         fig.tight_layout()
         paths.append(out_dir / f"{prefix}_{fname}.png")
-        fig.savefig(paths[-1], dpi=110)
+        atomic_savefig(fig, paths[-1], dpi=110)
         plt.close(fig)
     return paths
 
@@ -191,6 +191,6 @@ def plot_cond_drop_heatmap(rows: list[dict], out_path: Path) -> Path | None:
     fig.colorbar(im, label=key)
     ax.set_title(f"{key} by cond_drop and s (lower is better)")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    atomic_savefig(fig, out_path, dpi=110)
     plt.close(fig)
     return out_path

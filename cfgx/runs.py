@@ -7,6 +7,7 @@ A run dir is self-describing: ``config.yaml`` (resolved), ``overrides.yaml``
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -21,25 +22,39 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from cfgx.errors import CfgxError
+from cfgx.errors import DISK_ERRNOS, CfgxError, disk_error
 
 CKPT_NAME = "last.pt"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write then rename, so a reader (or a crash) never sees a half-written file."""
+    """Write then rename, so a reader (or a crash) never sees a half-written file.
+
+    The file gets the mode a plain ``open`` would give (0666 minus the umask), not
+    mkstemp's 0600, so colleagues sharing a filesystem can read results.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            raise disk_error(path, e) from None
         raise
 
 
@@ -57,6 +72,49 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def atomic_savefig(fig, path: Path, **kwargs: Any) -> None:
+    """``fig.savefig`` through an atomic write: a full disk never leaves a truncated PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_image(grid: torch.Tensor, path: Path) -> None:
+    """``torchvision.utils.save_image`` through an atomic write."""
+    import torchvision
+
+    buf = io.BytesIO()
+    torchvision.utils.save_image(grid, buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class AppendLog:
+    """A line log opened for appending whose disk errors name the file (``write``/``flush``/``close``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "a")
+        except OSError as e:
+            raise disk_error(self.path, e) from None
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise disk_error(self.path, e) from None
+
+    def write(self, text: str) -> None:
+        self._guard(self._f.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._f.flush)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._guard(self._f.close)
+
+
 def scale_tag(s: float) -> str:
     """A guidance scale as a file-name part: 2.5 -> '2p5', -1 -> 'm1'."""
     return ("%g" % s).replace("-", "m").replace(".", "p")
@@ -66,24 +124,49 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "config.yaml").is_file() and (Path(path) / "meta.json").is_file()
 
 
-def new_run_dir(runs_root: Path, dataset: str, tag: str = "") -> Path:
-    """``<runs>/<dataset>/<YYYYmmdd-HHMMSS>[-tag]``; never reuses an existing folder."""
+def new_run_dir(runs_root: Path, dataset: str, tag: str = "", files: dict[str, str] | None = None) -> Path:
+    """``<runs>/<dataset>/<YYYYmmdd-HHMMSS>[-tag]``; never reuses an existing folder.
+
+    ``files`` (name -> text) are written into a hidden staging folder that is renamed
+    into place only when all are written: a full disk or a kill never leaves a
+    half-made run dir, and a second process never takes the same name.
+    """
     base = Path(runs_root) / dataset
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{tag}" if tag else stamp
-    path, k = base / name, 1
-    while path.exists():
-        k += 1
-        path = base / f"{name}.{k}"
-    path.mkdir(parents=True)
-    return path
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=base, prefix=f".{name}.", suffix=".new"))
+    except OSError as e:
+        raise disk_error(base, e) from None
+    try:
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; a run dir is for the group to read
+        for fname, text in (files or {}).items():
+            atomic_write_text(stage / fname, text)
+        k = 1
+        while True:
+            path = base / (name if k == 1 else f"{name}.{k}")
+            if not path.exists():
+                try:
+                    os.rename(stage, path)  # fails if another process just took the name
+                    return path
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise disk_error(path, e) from None
+            k += 1
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 def list_runs(runs_root: Path) -> list[Path]:
     root = Path(runs_root)
     if not root.is_dir():
         return []
-    runs = [p.parent for p in root.glob("*/*/meta.json") if is_run_dir(p.parent)]
+    # Hidden folders are run dirs still being created (new_run_dir's staging), never runs.
+    runs = [p.parent for p in root.glob("*/*/meta.json") if is_run_dir(p.parent) and not p.parent.name.startswith(".")]
     return sorted(runs, key=lambda p: (p / "meta.json").stat().st_mtime)
 
 
@@ -103,11 +186,29 @@ def resolve_run(run: str | None, runs_root: Path) -> Path:
 
 
 def load_run_config(run_dir: Path) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"))  # type: ignore
+    path = Path(run_dir) / "config.yaml"
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # YAML syntax errors, unreadable files, interpolation errors
+        raise CfgxError(f"{path} is not a readable cfgx config ({type(e).__name__}); restore it from a backup "
+                        "or the run's overrides.yaml (cfgx train --cfg job <overrides> prints it)") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("dataset"), dict):
+        raise CfgxError(f"{path} is not a cfgx config (no dataset section); restore it from a backup or the "
+                        "run's overrides.yaml")
+    return cfg
 
 
 def read_meta(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "meta.json").read_text())
+    path = Path(run_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CfgxError(f"{path} is not readable JSON ({type(e).__name__}); restore it, or start a new run "
+                        "with train.resume=false") from None
+    if not isinstance(meta, dict):
+        raise CfgxError(f"{path} is not a cfgx meta.json (not a JSON object); restore it, or start a new run "
+                        "with train.resume=false")
+    return meta
 
 
 def _git_commit() -> str | None:
@@ -148,7 +249,10 @@ def find_resumable(runs_root: Path, dataset: str, cfg_hash: str) -> Path | None:
     for run in reversed(list_runs(Path(runs_root))):
         if run.parent.name != dataset:
             continue
-        meta = read_meta(run)
+        try:
+            meta = read_meta(run)
+        except CfgxError:
+            continue  # a damaged run dir is not resumable; resuming it would be a guess
         if meta.get("config_hash") == cfg_hash and not meta.get("train_finished", False):
             return run
     return None

@@ -25,9 +25,19 @@ from cfgx.console import say
 from cfgx.data import DatasetBundle, to_uint8
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.locks import acquire, locked, release_all
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report import console_table, plot_run, write_tables
-from cfgx.runs import atomic_torch_save, atomic_write_json, device_name, scale_tag, versions
+from cfgx.runs import (
+    atomic_save_image,
+    atomic_savefig,
+    atomic_torch_save,
+    atomic_write_json,
+    device_name,
+    scale_tag,
+    versions,
+)
+from cfgx.safeload import UnreadableFileError, safe_load
 from cfgx.sample import balanced_labels, generate
 
 SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
@@ -62,7 +72,7 @@ def save_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int
         imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="nearest")
     grid = torchvision.utils.make_grid(imgs, nrow=per_class, padding=2, pad_value=1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(grid, str(path))
+    atomic_save_image(grid, path)
     return grid
 
 
@@ -80,17 +90,28 @@ def save_side_by_side(grids: dict[str, torch.Tensor], path: Path, title: str) ->
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
-def load_rows(run_dir: Path) -> list[dict]:
+def read_row(path: Path) -> dict | None:
+    """A row file's row, or None when it is not one (rows are written atomically: a foreign file)."""
+    try:
+        row = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) and "s" in row else None
+
+
+def load_rows(run_dir: Path, console=None) -> list[dict]:
     rows = []
     for p in sorted((Path(run_dir) / "sweep" / "rows").glob("*.json")):
-        try:
-            rows.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
-            continue  # rows are written atomically, so this is a foreign file; skip it
+        row = read_row(p)
+        if row is None:
+            say(console, f"[yellow]ignoring unreadable row file {p} (not a cfgx row); a sweep at its scale "
+                         "recomputes it, or delete it")
+            continue
+        rows.append(row)
     return rows
 
 
@@ -192,10 +213,20 @@ class Sweeper:
             keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, *common, self.metrics_hash)
                     for v in variants}
             overwrite = bool(self.cfg.eval.overwrite)
-            todo = [v for v in variants if overwrite or not (rows_dir / f"{keys[v]}.json").is_file()]
+            # One process per scale at a time: a concurrent sweep waits here, then finds the rows done.
+            release_all(rows_dir)  # the previous scale's
+            acquire(rows_dir / f".{sample_keys['none']}.lock", True, f"s={s:g} (another sweep computes it)",
+                    self.console)
+            todo = []
             for v in variants:
-                if v not in todo:
-                    out_rows.append(json.loads((rows_dir / f"{keys[v]}.json").read_text()))
+                rpath = rows_dir / f"{keys[v]}.json"
+                row = None if overwrite or not rpath.is_file() else read_row(rpath)
+                if row is None and rpath.is_file() and not overwrite:
+                    say(self.console, f"[yellow]row file {rpath} is unreadable; recomputing it")
+                if row is None:
+                    todo.append(v)
+                else:
+                    out_rows.append(row)
             if not todo:
                 say(self.console, f"s={s:g}: already in the table; eval.overwrite=true recomputes")
                 continue
@@ -206,8 +237,12 @@ class Sweeper:
                     fpath = feat_dir / f"{sample_keys[v]}-block{b}.pt"
                     feats = None
                     if fpath.is_file() and not overwrite:
-                        blob = torch.load(fpath, map_location="cpu", weights_only=False)
-                        feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
+                        try:  # a crafted file (UnsafeFileError) stops the sweep; a broken one is redone
+                            blob = safe_load(fpath)
+                            feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
+                        except (UnreadableFileError, KeyError, TypeError):
+                            feats = None
+                            say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")
                     if feats is None:
                         if distributed.active():
                             distributed.broadcast_object(("features", s, b, v))  # wake the other ranks
@@ -229,9 +264,11 @@ class Sweeper:
             title = (f"{self.data.name}: {self.method} guidance, same seeds at every scale; rows are classes"
                      + ("" if v == "none" else f"; postprocess={v}"))
             save_side_by_side(g, self.run_dir / ("samples.png" if v == "none" else f"samples_{v}.png"), title)
-        all_rows = load_rows(self.run_dir)  # every sweep of this run, not just this one
-        write_tables(all_rows, self.run_dir)
-        plot_run(all_rows, self.run_dir)
+        release_all(rows_dir)
+        with locked(self.run_dir / "sweep" / ".tables.lock"):  # the last writer must see every row
+            all_rows = load_rows(self.run_dir, self.console)  # every sweep of this run, not just this one
+            write_tables(all_rows, self.run_dir)
+            plot_run(all_rows, self.run_dir)
         return out_rows
 
     def _features(self, s: float, b: int, v: str, x_cache: dict[int, Any]):
@@ -342,6 +379,7 @@ def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.
     try:
         rows = sweeper.run([float(v) for v in cfg.guidance.scales])
     finally:
+        release_all(Path(run_dir) / "sweep")
         if distributed.active():
             distributed.broadcast_object(("done",))
     if console is not None:

@@ -43,7 +43,7 @@ from cfgx.diffusion.samplers import Sampler, build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats
-from cfgx.runs import atomic_write_json
+from cfgx.runs import atomic_savefig, atomic_write_json
 from cfgx.sample import make_eps_fn
 
 DATASETS = ("gmm1d", "gmm2d")
@@ -186,7 +186,7 @@ def _plot_1d(path: Path, mu: float, times: list[float], trajs: dict[tuple[str, s
     fig.suptitle(f"gmm1d μ={mu:g}, σ={STD_1D:g} (Zhao & Schwing 2025): every panel starts from the same "
                  "initial noise; guided paths bend away from the boundary", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -263,7 +263,7 @@ def _plot_2d(path: Path, mixture: GaussianMixture, finals: dict[tuple[str, float
     fig.suptitle("gmm2d: final samples (colour = requested class) over the exact clean posterior's "
                  "decision boundaries (black); x = component means", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 

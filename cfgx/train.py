@@ -28,7 +28,7 @@ from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.runs import CKPT_NAME, atomic_torch_save
+from cfgx.runs import CKPT_NAME, AppendLog, atomic_torch_save
 
 
 @dataclass
@@ -54,11 +54,9 @@ def batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Ten
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CfgxError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to "
-                        "restart training from the previous one, or from scratch") from None
+    from cfgx.safeload import safe_load
+
+    return safe_load(path, map_location, fix="delete it to restart training from scratch")
 
 
 def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule: NoiseSchedule,
@@ -156,7 +154,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                   f"{data.name} ({n} images) for {steps} steps, batch {bs}, cond_drop {cfg.cond_drop.p}, "
                   f"device {device}{', bf16' if use_bf16 else ''}"
                   f"{f', {world} processes' if world > 1 else ''}")
-    log = open(Path(run_dir) / "train_log.jsonl", "a") if distributed.is_main() else None
+    log = AppendLog(Path(run_dir) / "train_log.jsonl") if distributed.is_main() else None
     model.train()
     t_start = time.perf_counter()
     t_last, loss_acc, n_acc, step0 = t_start, 0.0, 0, step

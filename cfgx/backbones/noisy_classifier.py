@@ -33,7 +33,9 @@ from cfgx.cpu import torch_threads
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
+from cfgx.locks import locked
 from cfgx.runs import atomic_torch_save
+from cfgx.safeload import UnreadableFileError, safe_load
 
 VERSION = "guideclf-v1"
 CACHE_NAME = "guidance_classifier.pt"
@@ -266,16 +268,23 @@ def get_guidance_classifier(run_dir: Path, data: DatasetBundle, schedule: NoiseS
     key = _cache_key(data, schedule, cfg)
     path = Path(run_dir) / CACHE_NAME
     device = torch.device(device)
+    with locked(Path(run_dir) / f".{CACHE_NAME}.lock", f"the guidance classifier {path}", console):
+        return _load_or_train(data, schedule, cfg, key, path, device, console)
+
+
+def _load_or_train(data: DatasetBundle, schedule: NoiseSchedule, cfg: dict, key: str, path: Path,
+                   device: torch.device, console) -> tuple[nn.Module, dict[str, Any]]:
     if path.is_file():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            blob = safe_load(path)
             if blob.get("key") == key:
                 model = _build(data, schedule, blob["config"])
                 model.load_state_dict(blob["state"])
                 model.to(device).eval().requires_grad_(False)
                 return model, {**blob["info"], "cached": True}
             say(console, f"guidance classifier at {path} was trained with other options; retraining")
-        except Exception:
+        except (UnreadableFileError, KeyError, TypeError, RuntimeError, AttributeError):
+            # A crafted file (UnsafeFileError) propagates: refused, never retrained over silently.
             say(console, f"[yellow]guidance classifier cache {path} unreadable; retraining")
     kind = "image encoder" if data.is_image else "MLP"
     say(console, f"training the guidance classifier ({kind}, {cfg['steps']} steps) for {data.name}")

@@ -41,7 +41,12 @@ def build_dataset(cfg) -> DatasetBundle:
     """Load the dataset named by ``cfg.name`` (a ``dataset`` config group entry)."""
     if cfg.name not in LOADERS:
         raise CfgxError(f"unknown dataset {cfg.name!r}; valid: {', '.join(sorted(LOADERS))}")
-    return LOADERS[cfg.name](cfg)
+    data = LOADERS[cfg.name](cfg)
+    if data.num_classes < 2:  # one class: "conditional" training and guidance would mean nothing
+        where = f" under {cfg.root}" if cfg.get("root") else ""
+        raise CfgxError(f"dataset {data.name!r}{where} has {data.num_classes} class; classifier-free guidance "
+                        "needs at least two (one subfolder of images per class)")
+    return data
 
 
 __all__ = ["DatasetBundle", "build_dataset", "stack_dataset", "to_uint8", "LOADERS"]

@@ -143,12 +143,19 @@ def load_imagefolder(cfg) -> DatasetBundle:
     channels = int(cfg.get("channels", 3))
 
     def load(path: Path):
-        ds = torchvision.datasets.ImageFolder(str(path))
-        if len(ds) == 0:
+        try:
+            ds = torchvision.datasets.ImageFolder(str(path))
+        except (FileNotFoundError, OSError):  # no class folders, or none holding an image file
+            ds = None
+        if ds is None or len(ds) == 0:
             raise CfgxError(f"no images found under {path}; expected <root>/<class>/<image>.png|jpg")
         xs, ys = [], []
         for p, label in ds.samples:
-            img = ds.loader(p).convert("L" if channels == 1 else "RGB")
+            try:
+                img = ds.loader(p).convert("L" if channels == 1 else "RGB")
+            except Exception as e:  # PIL's UnidentifiedImageError, truncated files, unreadable files
+                raise CfgxError(f"{p} is not a readable image ({type(e).__name__}); remove it from {path} or "
+                                "replace it with a valid image") from None
             img = TF.resize(img, res, antialias=True)
             img = TF.center_crop(img, res)
             xs.append(TF.pil_to_tensor(img))

@@ -19,7 +19,9 @@ from torch.nn import functional as F
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
+from cfgx.locks import locked
 from cfgx.runs import atomic_torch_save
+from cfgx.safeload import UnreadableFileError, safe_load
 
 VERSION = "evalcnn-v1"
 
@@ -109,16 +111,22 @@ def train_eval_classifier(data: DatasetBundle, ccfg: dict, device, seed: int = 0
 
 def get_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root: str | Path, device,
                         console=None) -> tuple[EvalCNN, dict]:
-    """Load the cached evaluation classifier for this dataset, or train and cache it."""
+    """Load the cached evaluation classifier for this dataset, or train and cache it (once: others wait)."""
     key = _cache_key(data, dcfg, ccfg)
     path = Path(cache_root).expanduser() / "eval_classifier" / f"{key}.pt"
+    with locked(path.parent / f".{key}.lock", f"the evaluation classifier {path}", console):
+        return _load_or_train(data, ccfg, device, key, path, console)
+
+
+def _load_or_train(data: DatasetBundle, ccfg: dict, device, key: str, path: Path, console) -> tuple[EvalCNN, dict]:
     model = EvalCNN(data.shape[0], data.shape[-1], data.num_classes, int(ccfg["width"]))
     if path.is_file():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            # A crafted file (UnsafeFileError) propagates: refused, never retrained over silently.
+            blob = safe_load(path)
             model.load_state_dict(blob["state"])
             return model.to(device).eval(), blob["info"]
-        except Exception:
+        except (UnreadableFileError, KeyError, TypeError, RuntimeError):
             say(console, f"[yellow]cached evaluation classifier {path} unreadable; retraining")
     say(console, f"training the evaluation classifier for {data.name} (cached at {path})")
     model, acc = train_eval_classifier(data, ccfg, device, console=console)

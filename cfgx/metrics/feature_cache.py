@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 
 from cfgx.errors import CfgxError
+from cfgx.runs import atomic_torch_save
+from cfgx.safeload import UnreadableFileError, safe_load
 
 
 def default_cache_root() -> Path:
@@ -48,9 +49,10 @@ class FeatureCache:
         if not p.is_file():
             return None
         try:
-            # weights_only: a cache directory is not trusted enough to unpickle code from.
-            data = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any corruption means "recompute"
+            # A cache directory is not trusted enough to unpickle code from: a crafted entry
+            # (UnsafeFileError) is an error, not a miss to overwrite quietly.
+            data = safe_load(p)
+        except UnreadableFileError as exc:  # any corruption means "recompute"
             warnings.warn(f"ignoring unreadable feature cache entry {p}: {exc}", stacklevel=2)
             return None
         if not isinstance(data, dict):
@@ -72,13 +74,6 @@ class FeatureCache:
                 "writable directory"
             ) from exc
         payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            # Same-directory rename is atomic: readers see the old entry or the whole new one.
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Same-directory rename: readers see the old entry or the whole new one, with the umask's mode.
+        atomic_torch_save(self.path(key), payload)
         return self.path(key)

@@ -126,13 +126,19 @@ class InceptionV3FeatureNet(nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        from cfgx.safeload import UnsafeFileError, safe_load
+
         path = resolve_weights_path(weights_path)
         self.weights_path = path
         try:
+            # torch-fidelity unpickles the file with weights_only=False: prove it is plain tensors first.
+            safe_load(path, fix=f"replace it with a fresh download of {INCEPTION_WEIGHTS_URL}")
             # Always hand torch-fidelity an explicit path: with None it would try to download.
             self.model = FeatureExtractorInceptionV3(
                 INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
             )
+        except UnsafeFileError:
+            raise
         except Exception as exc:  # unpickling/shape errors of all kinds: the file is not the checkpoint
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CfgxError(

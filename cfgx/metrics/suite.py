@@ -14,6 +14,7 @@ Inception when it is on, else the classifier; the ``feature_space`` column says 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -24,6 +25,7 @@ from cfgx import distributed
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
+from cfgx.locks import locked
 from cfgx.metrics.classifier import boundary_stats, classifier_metrics
 from cfgx.metrics.diversity import (
     density_coverage,
@@ -128,14 +130,19 @@ class EvalSuite:
         key = cache.key(dataset=self.data.name, split=self.split, resolution=self.data.resolution,
                         channels=self.data.channels, n_real=self.n_real, subset_seed=0,
                         root=str(OmegaConf.select(cfg, "dataset.root", default=None)), **prov)
-        hit = cache.load(key) if distributed.is_main() else None
-        if not distributed.broadcast_object(hit is not None):
-            say(self.console, f"computing Inception features of {self.n_real} real images (cached for every run "
-                      f"and scale: {cache.path(key)})")
-            pool = self._sharded_inception_pool(real_x)
-            if pool is not None:
-                hit = {"pool": pool}
-                cache.save(key, hit)
+        # Rank 0 holds the cache entry's lock (so concurrent runs compute it once); the other ranks
+        # only take part in the sharded computation, so they must not wait on the lock themselves.
+        lock = (locked(cache.root / f".{key}.lock", f"real Inception features {cache.path(key)}", self.console)
+                if distributed.is_main() else contextlib.nullcontext())
+        with lock:
+            hit = cache.load(key) if distributed.is_main() else None
+            if not distributed.broadcast_object(hit is not None):
+                say(self.console, f"computing Inception features of {self.n_real} real images (cached for every "
+                                  f"run and scale: {cache.path(key)})")
+                pool = self._sharded_inception_pool(real_x)
+                if pool is not None:
+                    hit = {"pool": pool}
+                    cache.save(key, hit)
         if hit is not None:
             self.real["inc_pool"] = hit["pool"]
 

@@ -416,7 +416,7 @@ class FlowPostprocessor:
             raise CfgxError(f"the postprocessor in {pdir} did not finish training; re-run 'cfgx postprocess "
                             f"run={run_dir}' to resume it")
         settings = dict(info["settings"])
-        for key in ("apply_steps", "apply_method", "apply_batch_size"):
+        for key in APPLY_KEYS:
             if cfg_post is not None and key in cfg_post and cfg_post[key] is not None:
                 settings[key] = cfg_post[key]
         info["settings"] = settings
@@ -469,6 +469,25 @@ class FlowPostprocessor:
                           clip=self.data.clip)
 
 
+APPLY_KEYS = ("apply_steps", "apply_method", "apply_batch_size")
+
+
+def ignored_settings(run_dir: Path, typed: dict[str, Any]) -> list[str]:
+    """One line per typed ``postprocess.<key>`` that the run's trained flow overrides (all but apply_*)."""
+    info_path = Path(run_dir) / "postprocess" / "info.json"
+    try:
+        settings = json.loads(info_path.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # nothing trained (or unreadable): loading it reports that as an error
+    out = []
+    for key, value in typed.items():
+        if key in APPLY_KEYS or key == "name" or key not in settings or _jsonable(value) == settings[key]:
+            continue
+        out.append(f"note: postprocess.{key}={value} ignored: the trained flow in {info_path.parent} used "
+                   f"{key}={settings[key]}; to change it, delete that folder and run 'cfgx postprocess' again")
+    return out
+
+
 def _quantize(x: torch.Tensor, data: DatasetBundle) -> torch.Tensor:
     # Images are stored as uint8 (what FID and PNGs see anyway): 4x less disk, identical on resume.
     if not data.is_image:
@@ -485,6 +504,16 @@ def _dequantize(x: torch.Tensor) -> torch.Tensor:
 def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBundle, model: nn.Module,
                         schedule, sampler, device: torch.device | str, console=None,
                         feature_fn: FeatureFn | None = None) -> dict[str, Any]:
+    """``_train_postprocessor`` by one process at a time: a second one waits, then resumes the finished flow."""
+    from cfgx.locks import locked
+
+    with locked(Path(run_dir) / ".postprocess.lock", f"the postprocessor of {run_dir}", console):
+        return _train_postprocessor(cfg_post, run_dir, data, model, schedule, sampler, device, console, feature_fn)
+
+
+def _train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBundle, model: nn.Module,
+                         schedule, sampler, device: torch.device | str, console=None,
+                         feature_fn: FeatureFn | None = None) -> dict[str, Any]:
     """Generate pairs from a run, train the flow postprocessor and save it under ``run_dir/postprocess``.
 
     ``model`` is the run's EMA denoiser, ``sampler`` the sampler to draw x̂ with
