@@ -194,21 +194,22 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     h = config_hash(cfg)
     overrides = overrides if overrides is not None else _job_overrides()
 
-    # Rank 0 alone checks what the sweep will need, finds or creates the run dir and locks it;
-    # every rank then trains that one (or fails alike).
-    choice: str | CfgxError | None = None
-    lock = None
-    if distributed.is_main():
-        try:
-            run_dir = _choose_run_dir(cfg, data, h, overrides, device, console)
-            lock = run_lock(run_dir)  # a second identical 'cfgx train' finds this run and must not train it too
-            choice = str(run_dir)
-        except CfgxError as e:
-            choice = e
-    choice = distributed.broadcast_object(choice)
-    if isinstance(choice, CfgxError):
-        raise distributed.agreed_error(str(choice)) if distributed.active() else choice
-    run_dir = Path(choice)
+    # Rank 0 alone finds the run to resume, or creates one, and locks it; every rank then trains that
+    # one (or fails alike). What the sweep will need is checked before a run dir is made, on every
+    # rank, because building the evaluation side is collective under torchrun.
+    from cfgx.preflight import check_before_training
+
+    found = _on_main(lambda: _find_run_dir(cfg, data, h))
+    check_before_training(cfg, data, device, None if found is None else Path(found), console)
+    held: list = []
+
+    def create_and_lock() -> str:
+        run_dir = Path(found) if found is not None else _new_run_dir(cfg, data, h, overrides, device, console)
+        held.append(run_lock(run_dir))  # a second identical 'cfgx train' finds this run and must not train it too
+        return str(run_dir)
+
+    run_dir = Path(_on_main(create_and_lock))
+    lock = held[0] if held else None
     try:
         result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
         if distributed.is_main():
@@ -225,34 +226,52 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     return run_dir
 
 
-def _choose_run_dir(cfg: DictConfig, data, h: str, overrides: list[str], device, console) -> Path:
-    """The run to train: run=PATH, the unfinished run of this config, or a new one (rank 0 only).
+def _on_main(fn):
+    """``fn()`` on rank 0 (the only process under plain cfgx), its result or its error on every rank."""
+    from cfgx import distributed
 
-    Everything the run's sweep will need is checked first, so a typo fails before any training.
-    """
-    from cfgx.preflight import check_before_training
-    from cfgx.runs import find_resumable, new_run_dir, provenance, read_meta, resolve_run
+    out: object = None
+    if distributed.is_main():
+        try:
+            out = fn()
+        except CfgxError as e:
+            out = e
+    out = distributed.broadcast_object(out)
+    if isinstance(out, CfgxError):
+        raise distributed.agreed_error(str(out)) if distributed.active() else out
+    return out
+
+
+def _find_run_dir(cfg: DictConfig, data, h: str) -> str | None:
+    """The run to continue: run=PATH, or the unfinished run of this config; None for a new run."""
+    from cfgx.runs import find_resumable, read_meta, resolve_run
 
     runs_root = Path(str(cfg.paths.runs))
-    run_dir = None
     if cfg.run:
         run_dir = resolve_run(str(cfg.run), runs_root)
         if read_meta(run_dir).get("config_hash") != h:
             raise CfgxError(f"run={cfg.run} was trained with a different config; drop run= to start a new "
                             "run, or repeat that run's options (see its overrides.yaml)")
-    elif cfg.train.resume:
-        run_dir = find_resumable(runs_root, data.name, h)
-    check_before_training(cfg, data, device, run_dir, console)
-    if run_dir is None:
-        meta = {"config_hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": int(cfg.seed),
-                "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": False,
-                **provenance(device)}
-        run_dir = new_run_dir(runs_root, data.name, _job_tag(), files={
-            "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
-            "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(overrides)),
-            "meta.json": json.dumps(meta, indent=2, default=str) + "\n"})
-        if console is not None:
-            console.print(f"run dir: {run_dir}")
+        return str(run_dir)
+    if cfg.train.resume:
+        found = find_resumable(runs_root, data.name, h)
+        return None if found is None else str(found)
+    return None
+
+
+def _new_run_dir(cfg: DictConfig, data, h: str, overrides: list[str], device, console) -> Path:
+    """A new run dir with its config, overrides and meta, made whole or not at all (rank 0 only)."""
+    from cfgx.runs import new_run_dir, provenance
+
+    meta = {"config_hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": int(cfg.seed),
+            "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": False,
+            **provenance(device)}
+    run_dir = new_run_dir(Path(str(cfg.paths.runs)), data.name, _job_tag(), files={
+        "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+        "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(overrides)),
+        "meta.json": json.dumps(meta, indent=2, default=str) + "\n"})
+    if console is not None:
+        console.print(f"run dir: {run_dir}")
     return run_dir
 
 
