@@ -31,7 +31,8 @@ from cfgx.errors import CfgxError
 
 SUBCOMMANDS = {
     "train": "train a joint conditional/unconditional model, then sweep guidance scales",
-    "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH]",
+    "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH] "
+             "[guidance.method=[cfg,apg]] [checkpoint=all|last|STEP,...]",
     "report": "merge several runs' tables and plot them: cfgx report RUN [RUN ...] [out=DIR]",
     "prepare": "download a dataset and the Inception weights ahead of time: cfgx prepare dataset=X",
     "toy": "exact-score toys: trajectories and boundaries under CG/CFG: cfgx toy [dataset=gmm1d|gmm2d]",
@@ -237,17 +238,25 @@ def cmd_sweep(args: list[str]) -> int:
     from cfgx.data import build_dataset
     from cfgx.diffusion.schedule import NoiseSchedule
     from cfgx.runs import pick_device
+    from cfgx.snapshots import load_snapshot_model, parse_checkpoints
     from cfgx.sweep import run_sweep
     from cfgx.train import load_ema_model
 
-    cfg, run_dir = sweep_config(args)
+    ckpt_args = [a for a in args if a.startswith("checkpoint=")]
+    cfg, run_dir = sweep_config([a for a in args if not a.startswith("checkpoint=")])
     console = _console()
     device = pick_device(str(cfg.device))
     data = build_dataset(cfg.dataset)
-    model, step = load_ema_model(run_dir, cfg, data, NoiseSchedule.from_config(cfg.diffusion), device)
-    console.print(f"sweeping {run_dir} (checkpoint step {step}) at s = "
-                  f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
-    run_sweep(cfg, run_dir, data, model, step, device, console)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    # checkpoint=all|last|STEP[,STEP...]: last.pt and/or EMA snapshots (train.snapshot_every)
+    for snap in parse_checkpoints(ckpt_args[-1].split("=", 1)[1] if ckpt_args else "last", run_dir):
+        if snap is None:
+            model, step = load_ema_model(run_dir, cfg, data, schedule, device)
+        else:
+            model, step = load_snapshot_model(run_dir, cfg, data, schedule, device, snap), snap
+        console.print(f"sweeping {run_dir} (checkpoint step {step}) at s = "
+                      f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
+        run_sweep(cfg, run_dir, data, model, step, device, console)
     return 0
 
 

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cfgx.config import config_hash
+from cfgx.config import config_hash, guidance_specs
 from cfgx.console import say
 from cfgx.data import DatasetBundle, to_uint8
+from cfgx.diffusion.guidance import GuidanceSpec, cfgpp_lambda
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report import console_table, plot_run, write_tables
 from cfgx.runs import atomic_torch_save, atomic_write_json, device_name, scale_tag, versions
@@ -128,6 +130,31 @@ def guidance_classifier_options(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in (opts or {}).items() if v is not None}
 
 
+def load_guide(guide: str, cfg: DictConfig, run_dir: Path, data: DatasetBundle, schedule: NoiseSchedule,
+               device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Autoguidance's guide: ``step:N`` (EMA snapshot N of this run) or ``run:PATH`` (another run
+    of the same dataset and noise schedule). Returns the model and the row fields naming it."""
+    from cfgx.runs import load_run_config, read_meta, resolve_run
+    from cfgx.snapshots import load_snapshot_model
+    from cfgx.train import load_ema_model
+
+    kind, _, arg = guide.partition(":")
+    if kind == "step":
+        model = load_snapshot_model(run_dir, cfg, data, schedule, device, int(arg))
+        return model, {"guide": guide, "guide_step": int(arg), "guide_run": str(run_dir)}
+    other = resolve_run(arg, Path(str(cfg.paths.runs)))
+    ocfg = OmegaConf.create(load_run_config(other))
+    if ocfg.dataset.name != data.name:
+        raise CfgxError(f"guidance.autoguidance.guide={guide} is a run of dataset {ocfg.dataset.name}, this run is "
+                        f"of {data.name}; guide with a run of the same dataset")
+    if OmegaConf.to_container(ocfg.diffusion) != OmegaConf.to_container(cfg.diffusion):
+        raise CfgxError(f"guidance.autoguidance.guide={guide} uses another noise schedule (diffusion.*); guide with "
+                        "a run trained with the same diffusion settings")
+    model, step = load_ema_model(other, ocfg, data, schedule, device)
+    return model, {"guide": guide, "guide_step": step, "guide_run": str(other),
+                   "guide_config_hash": read_meta(other).get("config_hash")}
+
+
 class Sweeper:
     """Samples, featurises and scores one run at many scales; holds what all scales share."""
 
@@ -142,21 +169,13 @@ class Sweeper:
         self.n, self.seed, self.bs = int(ec.num_samples), int(ec.seed), int(ec.batch_size)
         self.blocks = int(OmegaConf.select(cfg, "eval.seed_blocks", default=1))
         self.labels = balanced_labels(self.n, data.num_classes)
-        self.method = str(cfg.guidance.method)
+        self.specs = guidance_specs(cfg)
         self.postprocess = str(cfg.postprocess.name)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
-        self.guide_clf = None
-        self.guide_info: dict[str, Any] = {}
-        self.method_tag = self.method
-        if self.method == "classifier":
-            from cfgx.backbones.noisy_classifier import get_guidance_classifier
-
-            self.guide_clf, info = get_guidance_classifier(self.run_dir, data, self.schedule, device,
-                                                           guidance_classifier_options(cfg), console)
-            # Rows from a differently trained guidance classifier are other rows.
-            self.method_tag = f"classifier-{str(info.get('key'))[:6]}"
-            self.guide_info = {"guidance_classifier": info.get("key"),
-                               "guidance_classifier_val_acc": json.dumps(info.get("val_accuracy"))}
+        # Load every rule's extra model (guidance classifier, autoguidance guide) before sampling
+        # anything, so a bad guide fails in one line before minutes of work.
+        self._setups = [self._setup(spec) for spec in self.specs]
+        self._use(0)
         self.post = None
         self.post_tag = "none"
         if self.postprocess != "none":
@@ -170,12 +189,51 @@ class Sweeper:
         self.metrics_hash = self.suite.settings_hash()
         self.fid_warned = False
 
+    def _setup(self, spec: GuidanceSpec) -> dict[str, Any]:
+        """(row-key tag, extra row fields, classifier, guide model) of one guidance rule."""
+        out: dict[str, Any] = {"tag": spec.tag(), "clf": None, "guide": None,
+                               "info": {"guidance_schedule": spec.schedule,
+                                        "guidance_options": json.dumps(spec.options, sort_keys=True)}}
+        if spec.method == "classifier":
+            from cfgx.backbones.noisy_classifier import get_guidance_classifier
+
+            out["clf"], info = get_guidance_classifier(self.run_dir, self.data, self.schedule, self.device,
+                                                       guidance_classifier_options(self.cfg), self.console)
+            # Rows from a differently trained guidance classifier are other rows.
+            out["tag"] = f"classifier-{str(info.get('key'))[:6]}"
+            out["info"].update({"guidance_classifier": info.get("key"),
+                                "guidance_classifier_val_acc": json.dumps(info.get("val_accuracy"))})
+        elif spec.method == "autoguidance":
+            out["guide"], guide_info = load_guide(str(spec.options["guide"]), self.cfg, self.run_dir, self.data,
+                                                  self.schedule, self.device)
+            out["info"].update(guide_info)
+        return out
+
+    def _use(self, i: int) -> None:
+        """Make the i-th rule of ``guidance.method`` the one the next scales are sampled with."""
+        spec, setup = self.specs[i], self._setups[i]
+        self.spec, self.method, self.method_tag = spec, spec.label, setup["tag"]
+        self.guide_clf, self.guide_model, self.guide_info = setup["clf"], setup["guide"], setup["info"]
+
     def _samples(self, scale: float, block: int):
         return generate(self.model, self.sampler, self.data.shape, self.labels, scale,
-                        self.seed + block * SEED_BLOCK_STRIDE, self.bs, self.device, method=self.method,
-                        classifier=self.guide_clf, autocast_bf16=self.use_bf16)
+                        self.seed + block * SEED_BLOCK_STRIDE, self.bs, self.device, method=self.spec,
+                        classifier=self.guide_clf, autocast_bf16=self.use_bf16, guide=self.guide_model)
 
     def run(self, scales: list[float]) -> list[dict[str, Any]]:
+        """Every rule of ``guidance.method`` at every scale, then the run's merged tables and plots."""
+        out_rows: list[dict[str, Any]] = []
+        for i, spec in enumerate(self.specs):
+            if len(self.specs) > 1:
+                say(self.console, f"guidance {spec.label}")
+            self._use(i)
+            out_rows += self._run_scales(scales)
+        all_rows = load_rows(self.run_dir)  # every sweep of this run, not just this one
+        write_tables(all_rows, self.run_dir)
+        plot_run(all_rows, self.run_dir)
+        return out_rows
+
+    def _run_scales(self, scales: list[float]) -> list[dict[str, Any]]:
         rows_dir = self.run_dir / "sweep" / "rows"
         feat_dir = self.run_dir / "sweep" / "features"
         grids: dict[str, dict[str, torch.Tensor]] = {}
@@ -233,10 +291,9 @@ class Sweeper:
         for v, g in grids.items():
             title = (f"{self.data.name}: {self.method} guidance, same seeds at every scale; rows are classes"
                      + ("" if v == "none" else f"; postprocess={v}"))
-            save_side_by_side(g, self.run_dir / ("samples.png" if v == "none" else f"samples_{v}.png"), title)
-        all_rows = load_rows(self.run_dir)  # every sweep of this run, not just this one
-        write_tables(all_rows, self.run_dir)
-        plot_run(all_rows, self.run_dir)
+            # Plain CFG keeps samples.png; each other rule gets its own file beside it.
+            stem = "samples" + ("" if self.method == "cfg" else f"_{self.method.replace('@', '_')}")
+            save_side_by_side(g, self.run_dir / (f"{stem}.png" if v == "none" else f"{stem}_{v}.png"), title)
         return out_rows
 
     def _grid_labels(self) -> torch.Tensor:
@@ -257,6 +314,8 @@ class Sweeper:
         vers = versions()
         total = self.n * self.blocks
         row: dict[str, Any] = {"s": s, "w_ho": s - 1.0, "method": self.method, "postprocess": postprocess}
+        if self.spec.method == "cfgpp":
+            row["cfgpp_lambda"] = cfgpp_lambda(s, float(self.spec.options["s_at_lambda1"]))
         row.update({k: _clean(v) for k, v in m.items()})
         if postprocess != "none" and self.post is not None:
             row.update(self.post.row_fields())
@@ -294,7 +353,7 @@ def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.
     sweeper = Sweeper(cfg, run_dir, data, model, ckpt_step, device, console)
     rows = sweeper.run([float(v) for v in cfg.guidance.scales])
     if console is not None:
-        console.print(console_table(rows, title=f"{data.name}: {cfg.guidance.method} guidance, "
+        console.print(console_table(rows, title=f"{data.name}: {', '.join(p.label for p in sweeper.specs)} guidance, "
                                                 f"{sweeper.sampler.name} {len(sweeper.sampler.timesteps)} steps, "
                                                 f"{sweeper.n} samples/scale"))
         console.print(f"sweep took {time.perf_counter() - t0:.1f}s; wrote {run_dir}/metrics.csv, metrics.json, "

@@ -26,6 +26,7 @@ from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.runs import CKPT_NAME, atomic_torch_save
+from cfgx.snapshots import save_snapshot
 
 
 @dataclass
@@ -104,6 +105,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     n, bs, steps = len(y_all), int(tc.batch_size), int(tc.steps)
 
     ckpt_dir = Path(run_dir) / "checkpoints"
+    snap_every = int(tc.get("snapshot_every") or 0)  # EMA-only snapshots for checkpoint sweeps
     step = 0
     if (ckpt_dir / CKPT_NAME).is_file():
         ckpt = load_checkpoint(ckpt_dir / CKPT_NAME, map_location=device)
@@ -170,6 +172,8 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                     t_last, loss_acc, n_acc = now, 0.0, 0
                 if step % int(tc.ckpt_every) == 0 or step == steps:
                     save()
+                if snap_every and step % snap_every == 0:
+                    save_snapshot(run_dir, step, ema.state_dict())
                 if on_step is not None:
                     on_step(step)
     except KeyboardInterrupt:
