@@ -33,7 +33,8 @@ SUBCOMMANDS = {
     "train": "train a joint conditional/unconditional model, then sweep guidance scales",
     "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH] "
              "[guidance.method=[cfg,apg]] [checkpoint=all|last|STEP,...]",
-    "report": "merge several runs' tables and plot them: cfgx report RUN [RUN ...] [out=DIR]",
+    "report": "merge runs' tables, plots and frontier.md: cfgx report RUN [RUN ...] [out=DIR] "
+              "[report.match_accuracy=0.99]",
     "prepare": "download a dataset and the Inception weights ahead of time: cfgx prepare dataset=X",
     "toy": "exact-score toys: trajectories and boundaries under CG/CFG: cfgx toy [dataset=gmm1d|gmm2d]",
     "train-classifier": "train the noise-conditional guidance classifier of a run: [run=PATH]",
@@ -263,15 +264,19 @@ def cmd_sweep(args: list[str]) -> int:
 # ---------------------------------------------------------------- report
 
 def cmd_report(args: list[str]) -> int:
+    from cfgx.frontier import MATCH_ACCURACY, write_frontier
     from cfgx.report import console_table, plot_cond_drop_heatmap, plot_run, write_tables
     from cfgx.runs import is_run_dir, load_run_config, resolve_run
     from cfgx.sweep import load_rows
 
     out = None
     runs = []
+    match = MATCH_ACCURACY
     for a in args:
         if a.startswith("out="):
             out = Path(a.split("=", 1)[1])
+        elif a.startswith("report.match_accuracy="):
+            match = _fraction(a)
         elif "=" in a:
             raise CfgxError(f"cfgx report takes run dirs and out=DIR, not {a!r}; e.g. cfgx report runs/digits/*")
         else:
@@ -295,10 +300,23 @@ def cmd_report(args: list[str]) -> int:
     write_tables(rows, out, stem="report")
     paths = plot_run(rows, out)
     heat = plot_cond_drop_heatmap(rows, out / "plot_cond_drop_heatmap.png")
+    front = write_frontier(rows, out, match)
     console = _console()
     console.print(console_table(rows, title=f"{len(runs)} run(s), {len(rows)} rows"))
-    console.print(f"wrote {out}/report.csv, report.json, report.md and {len(paths) + bool(heat)} plots")
+    console.print(f"wrote {out}/report.csv, report.json, report.md{', frontier.md' if front else ''} and "
+                  f"{len(paths) + bool(heat) + max(len(front) - 1, 0)} plots")
     return 0
+
+
+def _fraction(arg: str) -> float:
+    key, _, v = arg.partition("=")
+    try:
+        x = float(v)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x <= 1:
+        raise CfgxError(f"{key}={v!r} must be a fraction in (0, 1]; e.g. {key}=0.99")
+    return x
 
 
 # ---------------------------------------------------------------- prepare
