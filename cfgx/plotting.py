@@ -70,6 +70,24 @@ def dominated(values: Sequence[float], ratio: float = 8.0) -> bool:
     return vals[-1] / vals[len(vals) // 2] > ratio
 
 
+def outliers(values: Sequence[float], gap: float = 0.6) -> list[bool]:
+    """Points cut off from the rest by one gap wider than ``gap`` of the whole span (e.g. the
+    unguided s = 0 points among guided scales): the smaller side of that gap is flagged."""
+    n = len(values)
+    vals = sorted(values)
+    if n < 3 or vals[-1] == vals[0]:
+        return [False] * n
+    gaps = [b - a for a, b in zip(vals, vals[1:])]
+    i = max(range(len(gaps)), key=gaps.__getitem__)
+    if gaps[i] < gap * (vals[-1] - vals[0]):
+        return [False] * n
+    low, high = vals[:i + 1], vals[i + 1:]
+    if len(low) == len(high):
+        return [False] * n
+    cut = vals[i]
+    return [(v <= cut) if len(low) < len(high) else (v > cut) for v in values]
+
+
 def curve_figure(series: dict[str, list[tuple[float, float, str]]], xlabel: str, ylabel: str, title: str,
                  path, colors: dict[str, Any] | None = None, hline: tuple[float, str] | None = None,
                  dpi: int = 120) -> None:
@@ -84,23 +102,24 @@ def curve_figure(series: dict[str, list[tuple[float, float, str]]], xlabel: str,
     import matplotlib.pyplot as plt
 
     ys = [p[1] for pts in series.values() for p in pts]
-    zoom = dominated(ys)
+    flags = outliers(ys)
+    zoom = any(flags)
+    drop = {y for y, f in zip(ys, flags) if f}
+    log_full = zoom and min(ys) > 0 and min(drop) > max(y for y in ys if y not in drop)
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11.5 if zoom else 6.6, 4.9), squeeze=False)
     cmap = plt.get_cmap("tab10")
     colors = colors or {name: cmap(i % 10) for i, name in enumerate(series)}
-    cut = sorted(v for v in ys if v is not None and v > 0)
-    cut_at = 8.0 * cut[len(cut) // 2] if cut else math.inf
     for k, ax in enumerate(axes[0]):
         lx, ly, lt, lc = [], [], [], []
         for name, pts in series.items():
-            pts = [p for p in pts if k == 0 or p[1] <= cut_at]
+            pts = [p for p in pts if k == 0 or p[1] not in drop]
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, lw=1.2, color=colors[name], label=name)
             for x, y, t in pts:
                 lx.append(x), ly.append(y), lt.append(t), lc.append(colors[name])
         ax.margins(x=0.1, y=0.08)  # room for the labels of edge points
-        if zoom and k == 0:
+        if log_full and k == 0:
             ax.set_yscale("log")
         if hline is not None:
             ax.axhline(hline[0], color="0.5", lw=0.8, ls="--", label=hline[1])

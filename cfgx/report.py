@@ -206,9 +206,11 @@ def plot_checkpoints(rows: list[dict], out_dir: Path, prefix: str = "plot") -> l
 
     paths = []
     series: dict[str, list[dict]] = {}
+    several_runs = len({r.get("run_label") for r in rows}) > 1
     for r in rows:
         if r.get("postprocess", "none") == "none" and r.get("checkpoint_step") is not None:
-            key = " ".join(p for p in (str(r.get("run_label", "")), str(r.get("method", "cfg"))) if p)
+            key = " ".join(p for p in (str(r.get("run_label", "")) if several_runs else "",
+                                       str(r.get("method", "cfg"))) if p)
             series.setdefault(key, []).append(r)
     for name, rs in series.items():
         steps = sorted({int(r["checkpoint_step"]) for r in rs})
