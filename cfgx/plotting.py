@@ -117,7 +117,8 @@ def curve_figure(series: dict[str, list[tuple[float, float, str]]], xlabel: str,
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, lw=1.2, color=colors[name], label=name)
             for x, y, t in pts:
-                lx.append(x), ly.append(y), lt.append(t), lc.append(colors[name])
+                if t:
+                    lx.append(x), ly.append(y), lt.append(t), lc.append(colors[name])
         ax.margins(x=0.1, y=0.08)  # room for the labels of edge points
         if log_full and k == 0:
             ax.set_yscale("log")

@@ -118,11 +118,18 @@ def console_table(rows: list[dict], title: str = ""):
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
     """Rows grouped into curves: one per (run, method, postprocess, sampler, steps, samples)."""
     groups: dict[str, list[dict]] = {}
+    parts_of = [[str(r.get("run_label", "")), str(r.get("method", "cfg")),
+                 "" if r.get("postprocess", "none") == "none" else f"+{r['postprocess']}",
+                 f"{r.get('sampler')}{r.get('steps')}", f"n={r.get('num_samples')}"] for r in rows]
+    # Name curves by what differs between them (legends stay short with many rules).
+    varies = [len({p[i] for p in parts_of}) > 1 for i in range(5)]
+    if not any(varies):
+        varies[1] = True
     for r in sort_rows(rows):
         parts = [str(r.get("run_label", "")), str(r.get("method", "cfg")),
                  "" if r.get("postprocess", "none") == "none" else f"+{r['postprocess']}",
                  f"{r.get('sampler')}{r.get('steps')}", f"n={r.get('num_samples')}"]
-        groups.setdefault(" ".join(p for p in parts if p), []).append(r)
+        groups.setdefault(" ".join(p for p, v in zip(parts, varies) if p and v), []).append(r)
     return groups
 
 
@@ -153,9 +160,15 @@ def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path
     series = {name: [(r[xk], r[yk], f"s={r['s']:g}") for r in rs if r.get(xk) is not None and r.get(yk) is not None]
               for name, rs in groups.items()}
     series = {k: v for k, v in series.items() if v}
+    title = f"{yl.split(' (')[0]} vs {xl}: the guidance trade-off"
+    if sum(len(v) for v in series.values()) > 30:
+        # Dozens of s labels on one spot help no one: label the first curve, the frontier figures the rest.
+        first = next(iter(series))
+        series = {k: v if k == first else [(x, y, "") for x, y, _ in v] for k, v in series.items()}
+        title += f" (s labels on {first}; per-rule labels in frontier_*.png)"
     if series:
         paths.append(out_dir / f"{prefix}_tradeoff.png")
-        curve_figure(series, xl, yl, f"{yl.split(' (')[0]} vs {xl}: the guidance trade-off", paths[-1], dpi=110)
+        curve_figure(series, xl, yl, title, paths[-1], dpi=110)
 
     for fname, keys, title in [("precision_recall", ("precision", "recall", "density", "coverage"),
                                 "Precision / recall / density / coverage vs s"),
