@@ -32,8 +32,10 @@ from cfgx.errors import CfgxError
 
 SUBCOMMANDS = {
     "train": "train a joint conditional/unconditional model, then sweep guidance scales",
-    "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH]",
-    "report": "merge several runs' tables and plot them: cfgx report RUN [RUN ...] [out=DIR]",
+    "sweep": "evaluate an existing run at guidance scales: cfgx sweep guidance=0,1,3,7 [run=PATH] "
+             "[guidance.method=[cfg,apg]] [checkpoint=all|last|STEP,...]",
+    "report": "merge runs' tables, plots and frontier.md: cfgx report RUN [RUN ...] [out=DIR] "
+              "[report.match_accuracy=0.99]",
     "prepare": "download a dataset and the Inception weights ahead of time: cfgx prepare dataset=X",
     "toy": "exact-score toys: trajectories and boundaries under CG/CFG: cfgx toy [dataset=gmm1d|gmm2d]",
     "train-classifier": "train the noise-conditional guidance classifier of a run: [run=PATH]",
@@ -327,10 +329,13 @@ def cmd_sweep(args: list[str]) -> int:
     from cfgx import distributed
     from cfgx.data import build_dataset
     from cfgx.diffusion.schedule import NoiseSchedule
+    from cfgx.snapshots import load_snapshot_model, parse_checkpoints
     from cfgx.sweep import run_sweep
     from cfgx.train import load_ema_model
 
-    cfg, run_dir = sweep_config(args)
+    ckpt_args = [a for a in args if a.startswith("checkpoint=")]
+    rest = [a for a in args if not a.startswith("checkpoint=")]
+    cfg, run_dir = sweep_config(rest)
     nproc = int(OmegaConf.select(cfg, "launcher.nproc", default=1))
     if nproc > 1 and _launched_world() == 1:
         return distributed.relaunch(nproc, ["sweep", *args])
@@ -340,35 +345,45 @@ def cmd_sweep(args: list[str]) -> int:
         from cfgx.postprocess.flow import ignored_settings
 
         typed = {_override_key(o).split(".", 1)[1]: OmegaConf.select(cfg, _override_key(o))
-                 for o in normalize_overrides(args) if _override_key(o).startswith("postprocess.")}
+                 for o in normalize_overrides(rest) if _override_key(o).startswith("postprocess.")}
         for line in ignored_settings(run_dir, typed):
             console.print(line, markup=False)
     with distributed.main_first():
         data = build_dataset(cfg.dataset)
-    model, step = load_ema_model(run_dir, cfg, data, NoiseSchedule.from_config(cfg.diffusion), device)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
     from cfgx.preflight import training_note
 
-    note = training_note(run_dir, step)
-    if note and console is not None:
-        console.print(note, markup=False)
-    say(console, f"sweeping {run_dir} (checkpoint step {step}) at s = "
-                  f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
-    run_sweep(cfg, run_dir, data, model, step, device, console)
+    # checkpoint=all|last|STEP[,STEP...]: last.pt and/or EMA snapshots (train.snapshot_every)
+    for snap in parse_checkpoints(ckpt_args[-1].split("=", 1)[1] if ckpt_args else "last", run_dir):
+        if snap is None:
+            model, step = load_ema_model(run_dir, cfg, data, schedule, device)
+            note = training_note(run_dir, step)
+            if note and console is not None:
+                console.print(note, markup=False)
+        else:
+            model, step = load_snapshot_model(run_dir, cfg, data, schedule, device, snap), snap
+        say(console, f"sweeping {run_dir} (checkpoint step {step}) at s = "
+                      f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
+        run_sweep(cfg, run_dir, data, model, step, device, console)
     return 0
 
 
 # ---------------------------------------------------------------- report
 
 def cmd_report(args: list[str]) -> int:
+    from cfgx.frontier import MATCH_ACCURACY, write_frontier
     from cfgx.report import console_table, plot_cond_drop_heatmap, plot_run, write_tables
     from cfgx.runs import is_run_dir, load_run_config, resolve_run
     from cfgx.sweep import load_rows
 
     out = None
     runs = []
+    match = MATCH_ACCURACY
     for a in args:
         if a.startswith("out="):
             out = Path(a.split("=", 1)[1])
+        elif a.startswith("report.match_accuracy="):
+            match = _fraction(a)
         elif "=" in a:
             raise CfgxError(f"cfgx report takes run dirs and out=DIR, not {a!r}; e.g. cfgx report runs/digits/*")
         elif not is_run_dir(Path(a).expanduser()):
@@ -395,10 +410,23 @@ def cmd_report(args: list[str]) -> int:
     write_tables(rows, out, stem="report")
     paths = plot_run(rows, out)
     heat = plot_cond_drop_heatmap(rows, out / "plot_cond_drop_heatmap.png")
+    front = write_frontier(rows, out, match)
     console = _console()
     console.print(console_table(rows, title=f"{len(runs)} run(s), {len(rows)} rows"))
-    console.print(f"wrote {out}/report.csv, report.json, report.md and {len(paths) + bool(heat)} plots")
+    console.print(f"wrote {out}/report.csv, report.json, report.md{', frontier.md' if front else ''} and "
+                  f"{len(paths) + bool(heat) + max(len(front) - 1, 0)} plots")
     return 0
+
+
+def _fraction(arg: str) -> float:
+    key, _, v = arg.partition("=")
+    try:
+        x = float(v)
+    except ValueError:
+        x = float("nan")
+    if not 0 < x <= 1:
+        raise CfgxError(f"{key}={v!r} must be a fraction in (0, 1]; e.g. {key}=0.99")
+    return x
 
 
 # ---------------------------------------------------------------- prepare

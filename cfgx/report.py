@@ -1,4 +1,9 @@
-"""Turning sweep rows into tables: metrics.csv / .json / .md and the console table."""
+"""Turning sweep rows into tables and figures.
+
+metrics.csv / .json hold every column (full provenance); metrics.md and the console only the
+columns a reader compares. Figures: the guidance trade-off, metrics vs s, metrics vs training
+step (checkpoint sweeps) and, per guidance rule, fidelity-diversity frontiers with frontier.md.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cfgx.plotting import curve_figure, dominated, wrap_title
 from cfgx.runs import atomic_savefig, atomic_write_json, atomic_write_text
 
 # Key columns for the console (fits 80 columns); the files hold every column.
@@ -39,10 +45,35 @@ def columns_of(rows: list[dict]) -> list[str]:
     return cols
 
 
+# metrics.md: what a reader compares. Columns that never vary (sampler, samples, ...) are left
+# out there unless they differ between rows; the CSV/JSON keep all of them.
+MD_COLUMNS = ["run_label", "method", "postprocess", "checkpoint_step", "sampler", "steps", "num_samples", "s",
+              "w_ho", "nfe", "accuracy", "fd_classifier", "fid", "is_mean", "kid_mean", "precision", "recall",
+              "density", "coverage", "vendi", "diversity_within_class", "margin", "near_boundary"]
+MD_IF_VARIED = {"run_label", "method", "postprocess", "checkpoint_step", "sampler", "steps", "num_samples"}
+
+
 def sort_rows(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (str(r.get("run", "")), str(r.get("method", "")),
                                        str(r.get("postprocess", "")), str(r.get("sampler", "")),
-                                       int(r.get("steps", 0)), float(r["s"])))
+                                       int(r.get("steps", 0)), int(r.get("checkpoint_step") or 0), float(r["s"])))
+
+
+def reader_columns(rows: list[dict]) -> list[str]:
+    """The columns of metrics.md: the compared metrics present, and the settings that vary."""
+    out = []
+    for c in MD_COLUMNS:
+        vals = {json_key(r.get(c)) for r in rows}
+        if vals == {json_key(None)}:
+            continue
+        if c in MD_IF_VARIED and len(vals) < 2:
+            continue
+        out.append(c)
+    return out
+
+
+def json_key(v: Any) -> str:
+    return repr(v)
 
 
 def write_tables(rows: list[dict], out_dir: Path, stem: str = "metrics") -> None:
@@ -55,7 +86,8 @@ def write_tables(rows: list[dict], out_dir: Path, stem: str = "metrics") -> None
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     atomic_write_text(Path(out_dir) / f"{stem}.csv", buf.getvalue())
     atomic_write_json(Path(out_dir) / f"{stem}.json", rows)
-    atomic_write_text(Path(out_dir) / f"{stem}.md", markdown_table(rows, cols))
+    atomic_write_text(Path(out_dir) / f"{stem}.md", markdown_table(rows, reader_columns(rows)) +
+                      f"\nKey columns only; {stem}.csv and {stem}.json hold all {len(cols)} (provenance included).\n")
 
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
@@ -86,11 +118,18 @@ def console_table(rows: list[dict], title: str = ""):
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
     """Rows grouped into curves: one per (run, method, postprocess, sampler, steps, samples)."""
     groups: dict[str, list[dict]] = {}
+    parts_of = [[str(r.get("run_label", "")), str(r.get("method", "cfg")),
+                 "" if r.get("postprocess", "none") == "none" else f"+{r['postprocess']}",
+                 f"{r.get('sampler')}{r.get('steps')}", f"n={r.get('num_samples')}"] for r in rows]
+    # Name curves by what differs between them (legends stay short with many rules).
+    varies = [len({p[i] for p in parts_of}) > 1 for i in range(5)]
+    if not any(varies):
+        varies[1] = True
     for r in sort_rows(rows):
         parts = [str(r.get("run_label", "")), str(r.get("method", "cfg")),
                  "" if r.get("postprocess", "none") == "none" else f"+{r['postprocess']}",
                  f"{r.get('sampler')}{r.get('steps')}", f"n={r.get('num_samples')}"]
-        groups.setdefault(" ".join(p for p in parts if p), []).append(r)
+        groups.setdefault(" ".join(p for p, v in zip(parts, varies) if p and v), []).append(r)
     return groups
 
 
@@ -113,26 +152,23 @@ def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    paths = []
+    paths = plot_checkpoints(rows, out_dir, prefix)
+    rows = _latest_checkpoint(rows)
     groups = _series(rows)
     xk, yk, xl, yl = _quality_keys(rows)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for name, rs in groups.items():
-        pts = [(r.get(xk), r.get(yk), r["s"]) for r in rs if r.get(xk) is not None and r.get(yk) is not None]
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-        for x, y, s in pts:
-            ax.annotate(f"s={s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(xl)
-    ax.set_ylabel(yl)
-    ax.set_title(f"{yl.split(' (')[0]} vs {xl}: the guidance trade-off")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / f"{prefix}_tradeoff.png")
-    atomic_savefig(fig, paths[-1], dpi=110)
-    plt.close(fig)
+    series = {name: [(r[xk], r[yk], f"s={r['s']:g}") for r in rs if r.get(xk) is not None and r.get(yk) is not None]
+              for name, rs in groups.items()}
+    series = {k: v for k, v in series.items() if v}
+    title = f"{yl.split(' (')[0]} vs {xl}: the guidance trade-off"
+    if sum(len(v) for v in series.values()) > 30:
+        # Dozens of s labels on one spot help no one: label the first curve, the frontier figures the rest.
+        first = next(iter(series))
+        series = {k: v if k == first else [(x, y, "") for x, y, _ in v] for k, v in series.items()}
+        title += f" (s labels on {first}; per-rule labels in frontier_*.png)"
+    if series:
+        paths.append(out_dir / f"{prefix}_tradeoff.png")
+        curve_figure(series, xl, yl, title, paths[-1], dpi=110)
 
     for fname, keys, title in [("precision_recall", ("precision", "recall", "density", "coverage"),
                                 "Precision / recall / density / coverage vs s"),
@@ -152,9 +188,71 @@ def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path
             ax.set_xlabel("guidance scale s (w = s - 1)")
             ax.set_title(k)
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(title)
+        fig.suptitle(wrap_title(title, 28 * len(present)))
         fig.tight_layout()
         paths.append(out_dir / f"{prefix}_{fname}.png")
+        atomic_savefig(fig, paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _latest_checkpoint(rows: list[dict]) -> list[dict]:
+    """Each run's rows at its newest checkpoint (older snapshots have their own per-step figure)."""
+    newest: dict[str, int] = {}
+    for r in rows:
+        k = str(r.get("run", ""))
+        newest[k] = max(newest.get(k, -1), int(r.get("checkpoint_step") or 0))
+    return [r for r in rows if int(r.get("checkpoint_step") or 0) == newest[str(r.get("run", ""))]]
+
+
+CHECKPOINT_METRICS = [("fd_classifier", "FD (eval-classifier features)"), ("fid", "FID"), ("accuracy", "accuracy"),
+                      ("precision", "precision"), ("recall", "recall"), ("coverage", "coverage")]
+
+
+def plot_checkpoints(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path]:
+    """Each metric against training step, one line per s, per rule with several checkpoints swept:
+    does the best s drift as training goes on? (``cfgx sweep checkpoint=all`` with snapshots.)"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    series: dict[str, list[dict]] = {}
+    several_runs = len({r.get("run_label") for r in rows}) > 1
+    for r in rows:
+        if r.get("postprocess", "none") == "none" and r.get("checkpoint_step") is not None:
+            key = " ".join(p for p in (str(r.get("run_label", "")) if several_runs else "",
+                                       str(r.get("method", "cfg"))) if p)
+            series.setdefault(key, []).append(r)
+    for name, rs in series.items():
+        steps = sorted({int(r["checkpoint_step"]) for r in rs})
+        if len(steps) < 2:
+            continue
+        ns = max({r.get("num_samples") for r in rs}, key=lambda n: sum(r.get("num_samples") == n for r in rs))
+        rs = [r for r in rs if r.get("num_samples") == ns]  # one sample budget per figure
+        present = [(k, lab) for k, lab in CHECKPOINT_METRICS if any(r.get(k) is not None for r in rs)]
+        scales = sorted({r["s"] for r in rs})
+        fig, axes = plt.subplots(1, len(present), figsize=(3.3 * len(present), 3.4), squeeze=False)
+        cmap = plt.get_cmap("viridis")
+        for ax, (k, lab) in zip(axes[0], present):
+            for i, sc in enumerate(scales):
+                pts = sorted((int(r["checkpoint_step"]), r[k]) for r in rs if r["s"] == sc and r.get(k) is not None)
+                if len(pts) > 1 or (pts and len(steps) == 1):
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3,
+                            color=cmap(i / max(len(scales) - 1, 1)), label=f"s={sc:g}")
+            if k in ("fd_classifier", "fid") and dominated([r[k] for r in rs if r.get(k) is not None]):
+                ax.set_yscale("log")
+            ax.set_xlabel("training step")
+            ax.set_title(lab, fontsize=9)
+            ax.grid(alpha=0.25)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(wrap_title(f"{name}: metrics vs training step, one line per s ({ns} samples)",
+                                30 * len(present)), fontsize=10)
+        fig.tight_layout()
+        safe = name.replace(" ", "_").replace("@", "_").replace("=", "")
+        stem = f"{prefix}_checkpoints" + ("" if name == "cfg" else f"_{safe}")
+        paths.append(Path(out_dir) / f"{stem}.png")
         atomic_savefig(fig, paths[-1], dpi=110)
         plt.close(fig)
     return paths

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cfgx.diffusion.guidance import cfg_eps, cg_eps
+from cfgx.diffusion.guidance import GuidanceSpec, GuidedEps, cfg_eps, cg_eps
 from cfgx.diffusion.samplers import Sampler
 
 
@@ -42,8 +42,32 @@ def nfe_per_step(scale: float, method: str = "cfg") -> int:
     return 1 if scale in (0.0, 1.0) else 2
 
 
-def make_eps_fn(model: torch.nn.Module, y: torch.Tensor, scale: float, method: str = "cfg",
-                classifier: torch.nn.Module | None = None, schedule=None):
+class CountingModel(torch.nn.Module):
+    """Passes calls through to a denoiser and counts the rows it evaluates.
+
+    Rules such as interval guidance or autoguidance spend a varying number of network
+    evaluations per step; counting them is what makes a row's ``nfe`` the evaluations made.
+    """
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.num_classes, self.rows = inner, inner.num_classes, 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.inner(x, t, y)
+
+
+def make_eps_fn(model: torch.nn.Module, y: torch.Tensor, scale: float, method: str | GuidanceSpec = "cfg",
+                classifier: torch.nn.Module | None = None, schedule=None, timesteps: list[int] | None = None,
+                guide: torch.nn.Module | None = None):
+    """eps_fn(x_t, t) for one batch: plain CFG/CG as closures, every other rule as a ``GuidedEps``."""
+    spec = method if isinstance(method, GuidanceSpec) else GuidanceSpec(method)
+    if spec.method not in ("cfg", "classifier") or spec.schedule != "constant":
+        if schedule is None or timesteps is None:
+            raise ValueError(f"guidance {spec.label} needs the noise schedule and the sampler's timesteps")
+        return GuidedEps(spec, model, y, scale, schedule, timesteps, classifier, guide)
+    method = spec.method
     if method == "cfg":
         return lambda x, t: cfg_eps(model, x, t, y, scale)
     if classifier is None or schedule is None:
@@ -53,25 +77,34 @@ def make_eps_fn(model: torch.nn.Module, y: torch.Tensor, scale: float, method: s
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, sampler: Sampler, shape: tuple[int, ...], labels: torch.Tensor,
-             scale: float, seed: int, batch_size: int, device: torch.device, method: str = "cfg",
+             scale: float, seed: int, batch_size: int, device: torch.device, method: str | GuidanceSpec = "cfg",
              classifier: torch.nn.Module | None = None, autocast_bf16: bool = False,
-             first_batch: int = 0) -> SampleBatch:
+             guide: torch.nn.Module | None = None, first_batch: int = 0) -> SampleBatch:
     """Draw ``len(labels)`` samples at guidance ``scale`` with paired per-batch seeds.
 
     ``labels`` may be a slice that starts at batch ``first_batch`` of the full set: its
     noise is that batch's, whoever draws it (how sweeps shard batches over processes).
+    ``nfe`` is counted, not assumed: denoiser (and autoguidance guide) rows evaluated per sample,
+    plus one classifier evaluation per step for classifier guidance at s != 0.
     """
+    spec = method if isinstance(method, GuidanceSpec) else GuidanceSpec(method)
+    counted = CountingModel(model)
+    counted_guide = CountingModel(guide) if guide is not None else None
     xs = []
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, len(labels), batch_size)):
         y = labels[start:start + batch_size].to(device)
         g = batch_generator(seed, first_batch + b, device)
-        eps_fn = make_eps_fn(model, y, scale, method, classifier, sampler.schedule)
+        eps_fn = make_eps_fn(counted, y, scale, spec, classifier, sampler.schedule, sampler.timesteps,
+                             counted_guide)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             x = sampler.sample(eps_fn, (len(y), *shape), g, device)
         xs.append(x.float().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    return SampleBatch(torch.cat(xs), labels.cpu(), seconds,
-                       nfe=len(sampler.timesteps) * nfe_per_step(scale, method))
+    rows = counted.rows + (counted_guide.rows if counted_guide is not None else 0)
+    nfe = rows / max(len(labels), 1)
+    if spec.method == "classifier" and scale != 0:
+        nfe += len(sampler.timesteps)  # the classifier's forward/backward, one per step
+    return SampleBatch(torch.cat(xs), labels.cpu(), seconds, nfe=int(nfe) if nfe == int(nfe) else round(nfe, 3))

@@ -20,11 +20,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cfgx import distributed
-from cfgx.config import config_hash
+from cfgx.config import config_hash, guidance_specs
 from cfgx.console import say
 from cfgx.data import DatasetBundle, to_uint8
+from cfgx.diffusion.guidance import GuidanceSpec, cfgpp_lambda
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
 from cfgx.locks import acquire, locked, release_all
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report import console_table, plot_run, write_tables
@@ -150,6 +152,31 @@ def guidance_classifier_options(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in (opts or {}).items() if v is not None}
 
 
+def load_guide(guide: str, cfg: DictConfig, run_dir: Path, data: DatasetBundle, schedule: NoiseSchedule,
+               device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Autoguidance's guide: ``step:N`` (EMA snapshot N of this run) or ``run:PATH`` (another run
+    of the same dataset and noise schedule). Returns the model and the row fields naming it."""
+    from cfgx.runs import load_run_config, read_meta, resolve_run
+    from cfgx.snapshots import load_snapshot_model
+    from cfgx.train import load_ema_model
+
+    kind, _, arg = guide.partition(":")
+    if kind == "step":
+        model = load_snapshot_model(run_dir, cfg, data, schedule, device, int(arg))
+        return model, {"guide": guide, "guide_step": int(arg), "guide_run": str(run_dir)}
+    other = resolve_run(arg, Path(str(cfg.paths.runs)))
+    ocfg = OmegaConf.create(load_run_config(other))
+    if ocfg.dataset.name != data.name:
+        raise CfgxError(f"guidance.autoguidance.guide={guide} is a run of dataset {ocfg.dataset.name}, this run is "
+                        f"of {data.name}; guide with a run of the same dataset")
+    if OmegaConf.to_container(ocfg.diffusion) != OmegaConf.to_container(cfg.diffusion):
+        raise CfgxError(f"guidance.autoguidance.guide={guide} uses another noise schedule (diffusion.*); guide with "
+                        "a run trained with the same diffusion settings")
+    model, step = load_ema_model(other, ocfg, data, schedule, device)
+    return model, {"guide": guide, "guide_step": step, "guide_run": str(other),
+                   "guide_config_hash": read_meta(other).get("config_hash")}
+
+
 class Sweeper:
     """Samples, featurises and scores one run at many scales; holds what all scales share."""
 
@@ -164,22 +191,13 @@ class Sweeper:
         self.n, self.seed, self.bs = int(ec.num_samples), int(ec.seed), int(ec.batch_size)
         self.blocks = int(OmegaConf.select(cfg, "eval.seed_blocks", default=1))
         self.labels = balanced_labels(self.n, data.num_classes)
-        self.method = str(cfg.guidance.method)
+        self.specs = guidance_specs(cfg)
         self.postprocess = str(cfg.postprocess.name)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
-        self.guide_clf = None
-        self.guide_info: dict[str, Any] = {}
-        self.method_tag = self.method
-        if self.method == "classifier":
-            from cfgx.backbones.noisy_classifier import get_guidance_classifier
-
-            with distributed.main_first():  # rank 0 trains and caches it in the run dir, the others load it
-                self.guide_clf, info = get_guidance_classifier(self.run_dir, data, self.schedule, device,
-                                                               guidance_classifier_options(cfg), console)
-            # Rows from a differently trained guidance classifier are other rows.
-            self.method_tag = f"classifier-{str(info.get('key'))[:6]}"
-            self.guide_info = {"guidance_classifier": info.get("key"),
-                               "guidance_classifier_val_acc": json.dumps(info.get("val_accuracy"))}
+        # Load every rule's extra model (guidance classifier, autoguidance guide) before sampling
+        # anything, so a bad guide fails in one line before minutes of work.
+        self._setups = [self._setup(spec) for spec in self.specs]
+        self._use(0)
         self.post = None
         self.post_tag = "none"
         if self.postprocess != "none":
@@ -193,12 +211,55 @@ class Sweeper:
         self.metrics_hash = self.suite.settings_hash()
         self.fid_warned = False
 
+    def _setup(self, spec: GuidanceSpec) -> dict[str, Any]:
+        """(row-key tag, extra row fields, classifier, guide model) of one guidance rule."""
+        out: dict[str, Any] = {"tag": spec.tag(), "clf": None, "guide": None,
+                               "info": {"guidance_schedule": spec.schedule,
+                                        "guidance_options": json.dumps(spec.options, sort_keys=True)}}
+        if spec.method == "classifier":
+            from cfgx.backbones.noisy_classifier import get_guidance_classifier
+
+            with distributed.main_first():  # rank 0 trains and caches it in the run dir, the others load it
+                out["clf"], info = get_guidance_classifier(self.run_dir, self.data, self.schedule, self.device,
+                                                           guidance_classifier_options(self.cfg), self.console)
+            # Rows from a differently trained guidance classifier are other rows.
+            out["tag"] = f"classifier-{str(info.get('key'))[:6]}"
+            out["info"].update({"guidance_classifier": info.get("key"),
+                                "guidance_classifier_val_acc": json.dumps(info.get("val_accuracy"))})
+        elif spec.method == "autoguidance":
+            out["guide"], guide_info = load_guide(str(spec.options["guide"]), self.cfg, self.run_dir, self.data,
+                                                  self.schedule, self.device)
+            out["info"].update(guide_info)
+        return out
+
+    def _use(self, i: int) -> None:
+        """Make the i-th rule of ``guidance.method`` the one the next scales are sampled with."""
+        spec, setup = self.specs[i], self._setups[i]
+        self.rule, self.spec, self.method, self.method_tag = i, spec, spec.label, setup["tag"]
+        self.guide_clf, self.guide_model, self.guide_info = setup["clf"], setup["guide"], setup["info"]
+
     def _samples(self, scale: float, block: int, first_batch: int = 0, labels: torch.Tensor | None = None):
         return generate(self.model, self.sampler, self.data.shape, self.labels if labels is None else labels, scale,
-                        self.seed + block * SEED_BLOCK_STRIDE, self.bs, self.device, method=self.method,
-                        classifier=self.guide_clf, autocast_bf16=self.use_bf16, first_batch=first_batch)
+                        self.seed + block * SEED_BLOCK_STRIDE, self.bs, self.device, method=self.spec,
+                        classifier=self.guide_clf, autocast_bf16=self.use_bf16, guide=self.guide_model,
+                        first_batch=first_batch)
 
     def run(self, scales: list[float]) -> list[dict[str, Any]]:
+        """Every rule of ``guidance.method`` at every scale, then the run's merged tables and plots."""
+        out_rows: list[dict[str, Any]] = []
+        for i, spec in enumerate(self.specs):
+            if len(self.specs) > 1:
+                say(self.console, f"guidance {spec.label}")
+            self._use(i)
+            out_rows += self._run_scales(scales)
+        release_all(self.run_dir / "sweep" / "rows")
+        with locked(self.run_dir / "sweep" / ".tables.lock"):  # the last writer must see every row
+            all_rows = load_rows(self.run_dir, self.console)  # every sweep of this run, not just this one
+            write_tables(all_rows, self.run_dir)
+            plot_run(all_rows, self.run_dir)
+        return out_rows
+
+    def _run_scales(self, scales: list[float]) -> list[dict[str, Any]]:
         rows_dir = self.run_dir / "sweep" / "rows"
         feat_dir = self.run_dir / "sweep" / "features"
         grids: dict[str, dict[str, torch.Tensor]] = {}
@@ -244,8 +305,8 @@ class Sweeper:
                             feats = None
                             say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")
                     if feats is None:
-                        if distributed.active():
-                            distributed.broadcast_object(("features", s, b, v))  # wake the other ranks
+                        if distributed.active():  # wake the other ranks: which rule, scale, block, variant
+                            distributed.broadcast_object(("features", self.rule, s, b, v))
                         feats, tinfo, x_grid = self._features(s, b, v, x_cache)
                         atomic_torch_save(fpath, {"features": feats, "timing": tinfo, "grid_x": x_grid})
                     metrics = self.suite.score(feats, self.labels)
@@ -263,12 +324,9 @@ class Sweeper:
         for v, g in grids.items():
             title = (f"{self.data.name}: {self.method} guidance, same seeds at every scale; rows are classes"
                      + ("" if v == "none" else f"; postprocess={v}"))
-            save_side_by_side(g, self.run_dir / ("samples.png" if v == "none" else f"samples_{v}.png"), title)
-        release_all(rows_dir)
-        with locked(self.run_dir / "sweep" / ".tables.lock"):  # the last writer must see every row
-            all_rows = load_rows(self.run_dir, self.console)  # every sweep of this run, not just this one
-            write_tables(all_rows, self.run_dir)
-            plot_run(all_rows, self.run_dir)
+            # Plain CFG keeps samples.png; each other rule gets its own file beside it.
+            stem = "samples" + ("" if self.method == "cfg" else f"_{self.method.replace('@', '_')}")
+            save_side_by_side(g, self.run_dir / (f"{stem}.png" if v == "none" else f"{stem}_{v}.png"), title)
         return out_rows
 
     def _features(self, s: float, b: int, v: str, x_cache: dict[int, Any]):
@@ -315,9 +373,10 @@ class Sweeper:
             msg = distributed.broadcast_object(None)
             if msg[0] == "done":
                 return
-            _, s, b, v = msg
-            if current != (s, b):
-                x_cache, current = {}, (s, b)
+            _, i, s, b, v = msg
+            if current != (i, s, b):
+                self._use(i)
+                x_cache, current = {}, (i, s, b)
             self._features(s, b, v, x_cache)
 
     def _grid_labels(self) -> torch.Tensor:
@@ -338,6 +397,8 @@ class Sweeper:
         vers = versions()
         total = self.n * self.blocks
         row: dict[str, Any] = {"s": s, "w_ho": s - 1.0, "method": self.method, "postprocess": postprocess}
+        if self.spec.method == "cfgpp":
+            row["cfgpp_lambda"] = cfgpp_lambda(s, float(self.spec.options["s_at_lambda1"]))
         row.update({k: _clean(v) for k, v in m.items()})
         if postprocess != "none" and self.post is not None:
             row.update(self.post.row_fields())
@@ -383,7 +444,7 @@ def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.
         if distributed.active():
             distributed.broadcast_object(("done",))
     if console is not None:
-        console.print(console_table(rows, title=f"{data.name}: {cfg.guidance.method} guidance, "
+        console.print(console_table(rows, title=f"{data.name}: {', '.join(p.label for p in sweeper.specs)} guidance, "
                                                 f"{sweeper.sampler.name} {len(sweeper.sampler.timesteps)} steps, "
                                                 f"{sweeper.n} samples/scale"))
         console.print(f"sweep took {time.perf_counter() - t0:.1f}s; wrote {run_dir}/metrics.csv, metrics.json, "

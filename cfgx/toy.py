@@ -39,6 +39,7 @@ from cfgx.backbones.toy_classifiers import (
 from cfgx.console import say
 from cfgx.cpu import torch_threads
 from cfgx.data.gmm import GaussianMixture, gmm1d, gmm2d
+from cfgx.diffusion.guidance import GuidanceSpec
 from cfgx.diffusion.samplers import Sampler, build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
@@ -54,6 +55,8 @@ STD_1D = 0.05
 DELTA_REL_1D = 0.5
 # Logit-margin threshold in 2D, the same default as the sweep's boundary statistics.
 DELTA_MARGIN_2D = 1.0
+# Autoguidance on the toy: the guide is the exact model of the mixture with components this much broader.
+TOY_GUIDE_STD = 1.5
 CLASS_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown")
 
 
@@ -294,9 +297,86 @@ def _run_2d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: Nois
                          "confidence": round(b["confidence"], 5),
                          "mean_radius": round(float(x.norm(dim=1).mean()), 5)})
     _plot_2d(out_dir / "samples_2d.png", mixture, finals, y, scales)
-    say(console, "gmm2d: wrote samples_2d.png")
-    return {"rows": rows, "classifier_accuracy": acc, "files": ["samples_2d.png"],
+    lab = _lab_rows(mixture, den, schedule, sampler, y, scales, n_paths, seed)
+    rows += lab
+    _plot_lab_margins(out_dir / "margins_2d.png", rows, scales)
+    say(console, "gmm2d: wrote samples_2d.png and margins_2d.png")
+    return {"rows": rows, "classifier_accuracy": acc, "files": ["samples_2d.png", "margins_2d.png"],
             "delta": f"clean-posterior logit margin < {DELTA_MARGIN_2D:g} counts as near the boundary"}
+
+
+def _lab_specs(sampler: Sampler) -> list[GuidanceSpec]:
+    """Every guidance-lab rule with the defaults of configs/guidance/default.yaml."""
+    from omegaconf import OmegaConf
+
+    from cfgx.config import config_dir
+
+    d = OmegaConf.to_container(OmegaConf.load(config_dir() / "guidance" / "default.yaml"), resolve=True)
+    specs = [GuidanceSpec("cfg", "linear"), GuidanceSpec("cfg", "cosine"),
+             GuidanceSpec("interval", options=d["interval"]), GuidanceSpec("rescale", options=d["rescale"]),
+             GuidanceSpec("apg", options=d["apg"]), GuidanceSpec("cfgzero"),
+             GuidanceSpec("autoguidance", options={"guide": f"exact, component std x {TOY_GUIDE_STD}"})]
+    if sampler.name == "ddim":
+        specs.append(GuidanceSpec("cfgpp", options=d["cfgpp"]))
+    return specs
+
+
+def _lab_rows(mixture: GaussianMixture, den: ExactDenoiser, schedule: NoiseSchedule, sampler: Sampler,
+              y: torch.Tensor, scales: Sequence[float], n_paths: int, seed: int) -> list[dict[str, Any]]:
+    """Mean clean-posterior boundary margin per (rule, s), on the same initial noise as the CFG panels.
+
+    Autoguidance's "bad version" is the exact model of the same mixture with broader components
+    (a blurrier density, as an under-trained network would learn), so the rule is not a no-op.
+    """
+    bad = ExactDenoiser(GaussianMixture(means=mixture.means, stds=mixture.stds * TOY_GUIDE_STD,
+                                        weights=mixture.weights, component_class=mixture.component_class,
+                                        num_classes=mixture.num_classes), schedule)
+    rows = []
+    for spec in _lab_specs(sampler):
+        for s in scales:
+            if spec.method == "cfgpp" and s > float(spec.options["s_at_lambda1"]):
+                continue  # lambda > 1 is outside CFG++'s range
+            fn = make_eps_fn(den, y, float(s), spec, None, schedule, sampler.timesteps, bad)
+            x = _run_paths(fn, sampler, n_paths, 2, seed)[-1]
+            logp = mixture.class_log_posterior(x, 1.0)
+            b = boundary_stats(logp, DELTA_MARGIN_2D)
+            rows.append({"method": spec.label, "classifier": "exact", "s": float(s), "margin": round(b["margin"], 5),
+                         "accuracy": round(float((logp.argmax(1) == y).double().mean()), 5),
+                         "near_boundary_frac": round(b["near_boundary"], 5), "confidence": round(b["confidence"], 5),
+                         "mean_radius": round(float(x.norm(dim=1).mean()), 5)})
+    return rows
+
+
+def _plot_lab_margins(path: Path, rows: list[dict[str, Any]], scales: Sequence[float]) -> None:
+    """One panel per rule: its mean boundary margin vs s, with exact CFG dashed for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "cfg"))
+    ncol = min(5, len(methods))
+    nrow = math.ceil(len(methods) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.6 * nrow), squeeze=False, sharey=True)
+    ref = sorted((r["s"], r["margin"]) for r in rows if r["method"] == "cfg")
+    for ax, m in zip(axes.flat, methods):
+        pts = sorted((r["s"], r["margin"]) for r in rows if r["method"] == m)
+        ax.plot([p[0] for p in ref], [p[1] for p in ref], "--", color="0.55", lw=1, label="CFG")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, color="tab:blue", label=m)
+        ax.set_title("CG (MLP classifier)" if m == "cg" else m, fontsize=9)
+        ax.set_xlabel("s", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25)
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("mean boundary margin", fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("gmm2d, exact scores: mean clean-posterior logit margin (top-1 minus top-2) of the final "
+                 "samples per guidance rule and s; dashed: CFG", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
 
 
 def run_toy(dataset: str, out_dir: Path, scales: list[float] = [1, 2, 4, 8], sampler: str = "ddim",  # noqa: B006

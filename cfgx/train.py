@@ -29,6 +29,7 @@ from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.runs import CKPT_NAME, AppendLog, atomic_torch_save
+from cfgx.snapshots import save_snapshot
 
 
 @dataclass
@@ -116,6 +117,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     local = slice(rank * (bs // world), (rank + 1) * (bs // world))  # this rank's slice of the global batch
 
     ckpt_dir = Path(run_dir) / "checkpoints"
+    snap_every = int(tc.get("snapshot_every") or 0)  # EMA-only snapshots for checkpoint sweeps
     step = 0
     if (ckpt_dir / CKPT_NAME).is_file():
         ckpt = load_checkpoint(ckpt_dir / CKPT_NAME, map_location=device)
@@ -200,6 +202,8 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                     t_last, loss_acc, n_acc = now, 0.0, 0
                 if step % int(tc.ckpt_every) == 0 or step == steps:
                     save()
+                if snap_every and step % snap_every == 0 and distributed.is_main():
+                    save_snapshot(run_dir, step, ema.state_dict())
                 if on_step is not None:
                     on_step(step)
                 if step < steps and (step % poll == 0) and stop.agreed(device):

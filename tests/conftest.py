@@ -14,7 +14,7 @@ SHARED = Path(os.environ.get("CFGX_SHARED_DATA", REPO.parent / "shared" / "data"
 # Small enough to train and sweep in seconds on 2 CPU cores, but every real code path.
 TINY = ["backbone.ch=8", "train.steps=12", "train.batch_size=16", "train.ckpt_every=5", "train.log_every=4",
         "eval.num_samples=40", "eval.batch_size=20", "sampler.steps=4", "eval.classifier.steps=150",
-        "eval.classifier.width=8", "guidance=0,1,3"]
+        "eval.classifier.width=8", "guidance=0,1,3", "train.snapshot_every=6"]
 
 
 def pytest_collection_modifyitems(config, items):

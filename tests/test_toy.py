@@ -105,3 +105,23 @@ def test_gmm2d_margin_grows_with_scale(toy2d):
 def test_unknown_dataset_is_a_user_error(tmp_path):
     with pytest.raises(CfgxError, match="gmm1d"):
         run_toy("gmm3d", tmp_path)
+
+
+def test_gmm2d_panel_per_guidance_rule(toy2d):
+    """`cfgx toy` covers every guidance-lab rule: a margin per (rule, s) and one panel each."""
+    out, summary = toy2d
+    assert (out / "margins_2d.png").stat().st_size > 10_000
+    rows = summary["rows"]
+    for m in ("cfg@linear", "cfg@cosine", "interval", "rescale", "apg", "cfgzero", "autoguidance", "cfgpp"):
+        got = {r["s"]: r["margin"] for r in rows if r["method"] == m}
+        assert set(got) == {1.0, 4.0}, m
+    # Rules whose s = 1 is the conditional model give CFG's s = 1 margin (same noise, exact scores).
+    cfg1 = _row(rows, method="cfg", s=1.0)["margin"]
+    for m in ("cfg@linear", "interval", "rescale", "apg"):
+        lin_s1 = next(r for r in rows if r["method"] == m and r["s"] == 1.0)
+        if m != "cfg@linear":  # a schedule still varies the per-step weight around s = 1
+            assert lin_s1["margin"] == pytest.approx(cfg1, abs=1e-4), m
+    # Stronger guidance still widens the margin under every rule built on the CFG difference.
+    for m in ("interval", "rescale", "apg", "cfg@cosine"):
+        lo, hi = (next(r for r in rows if r["method"] == m and r["s"] == s) for s in (1.0, 4.0))
+        assert hi["margin"] > lo["margin"], m

@@ -90,8 +90,11 @@ class Sampler:
         for i, t in enumerate(seq):
             t_prev = seq[i + 1] if i + 1 < len(seq) else -1
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            eps = eps_fn(x, tt).float()
-            x = self.step(x, eps, t, t_prev, generator)
+            out = eps_fn(x, tt)
+            if isinstance(out, tuple):  # (eps for x0, eps for re-noising): CFG++
+                x = self.step(x, out[0].float(), t, t_prev, generator, eps_renoise=out[1].float())
+            else:
+                x = self.step(x, out.float(), t, t_prev, generator)
             if trajectory is not None:
                 trajectory.append(x.detach().cpu())
         return x
@@ -100,7 +103,8 @@ class Sampler:
         """Clear per-trajectory state (multistep solvers remember earlier steps)."""
 
     def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
-             generator: torch.Generator) -> torch.Tensor:
+             generator: torch.Generator, eps_renoise: torch.Tensor | None = None) -> torch.Tensor:
+        """One update from t to t_prev; ``eps_renoise`` (CFG++) only where the sampler supports it."""
         raise NotImplementedError
 
 
@@ -109,11 +113,16 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def step(self, x, eps, t, t_prev, generator):
+    def step(self, x, eps, t, t_prev, generator, eps_renoise=None):
         abar, abar_prev = self._abar(t), self._abar(t_prev)
         x0 = self._pred_x0(x, eps, abar)
-        # Re-derive eps from the (possibly clipped) x0 so the update stays consistent.
-        eps = (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
+        if eps_renoise is not None and self.clip_x0 is None:
+            eps = eps_renoise  # CFG++: x0 from the guided eps, direction from the unconditional one
+        else:
+            # Re-derive eps from the (possibly clipped) x0 so the update stays consistent; for
+            # CFG++ the clipping's correction is carried over onto the re-noising eps.
+            eps_x0 = (x - abar ** 0.5 * x0) / (1 - abar) ** 0.5
+            eps = eps_x0 if eps_renoise is None else eps_renoise + (eps_x0 - eps)
         sigma = self.eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
         dir_xt = max(1 - abar_prev - sigma ** 2, 0.0) ** 0.5 * eps
         x_prev = abar_prev ** 0.5 * x0 + dir_xt
@@ -127,7 +136,9 @@ class DDPMSampler(Sampler):
 
     name = "ddpm"
 
-    def step(self, x, eps, t, t_prev, generator):
+    def step(self, x, eps, t, t_prev, generator, eps_renoise=None):
+        if eps_renoise is not None:
+            raise ValueError("CFG++ is defined for DDIM only; use sampler=ddim")
         abar, abar_prev = self._abar(t), self._abar(t_prev)
         beta = 1 - abar / abar_prev
         x0 = self._pred_x0(x, eps, abar)
