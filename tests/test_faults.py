@@ -261,10 +261,8 @@ def test_bad_inputs_in_a_subprocess_print_one_line(arena, workdir):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for args, needle in [(["sweep", f"run={arena['badyaml']}"], "not a readable cfgx config"),
                          (["train", *IMG, f"dataset.root={arena['notimage']}", f"paths.runs={arena['runs']}"],
-                          "not a readable image"),
-                         (["train", *INC, f"eval.inception_weights={arena['weights']}", "eval.classifier.steps=150",
-                           "eval.classifier.width=8", f"paths.runs={arena['runs']}"], "could not be loaded"),
-                         (["report", "/nonexistent/run"], "is not a cfgx run dir")]:
+                          "not a readable image")]:
+        # One case through main() and one through Hydra's job handler; the in-process table has the rest.
         proc = subprocess.run([sys.executable, "-m", "cfgx", *args], cwd=workdir, capture_output=True, text=True,
                               timeout=300, env=env)
         assert proc.returncode == 2, proc.stderr

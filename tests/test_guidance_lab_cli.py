@@ -40,7 +40,7 @@ def test_snapshots_are_plain_ema_tensors(lab_run):
 
 def test_one_sweep_gives_one_row_per_method_and_scale(lab_run, workdir, capsys):
     args = ["sweep", "guidance.method=[cfg,interval,apg,cfg@cosine]", "guidance=1,2", f"run={lab_run}",
-            "eval.num_samples=20", "guidance.interval.sigma=[0.5,10]"]
+            "eval.num_samples=20", "sampler=ddim", "sampler.steps=4", "guidance.interval.sigma=[0.5,10]"]
     assert main(args) == 0, capsys.readouterr().err
     # (the shared tiny run may already hold n=20 CFG rows at other scales from other tests)
     rows = [r for r in _rows(lab_run) if r["num_samples"] == 20 and r["s"] in (1.0, 2.0)]
@@ -95,7 +95,8 @@ BAD = [
     (["guidance.method=cfgpp", "sampler=ddpm"], "DDIM only"),
     (["guidance.method=autoguidance", "guidance.autoguidance.guide=step:7"], "no snapshot at step 7"),
     (["guidance.method=autoguidance"], "give step:N"),
-    (["guidance.method=cfgpp", "guidance=20"], "lambda"),
+    (["guidance.method=cfgpp", "sampler=ddim", "guidance=20"], "lambda"),
+    (["guidance.method=cfgpp"], "DDIM only"),  # the digits recipe samples with DPM-Solver++
     (["guidance.method=classifier@linear"], "takes no weight schedule"),
     (["checkpoint=7"], "no snapshot at step 7"),
 ]

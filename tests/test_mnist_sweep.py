@@ -16,7 +16,8 @@ import time
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.shared_data
+# 80 s on 2 cores: an end-to-end run, so it sits behind `slow` (make test-all runs it).
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
 COLUMNS = ["s", "w_ho", "accuracy", "fd_classifier", "diversity_within_class", "fid", "fid_comparable", "kid_mean",
            "kid_std", "is_mean", "is_available", "precision", "recall", "density", "coverage", "vendi",
