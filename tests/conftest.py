@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,14 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED
+
+
+def private_copy(run: Path, tmp_path_factory, tag: str) -> Path:
+    """A copy of ``run`` for one test module, so its rows do not leak into other tests' assertions."""
+    dst = tmp_path_factory.mktemp(tag) / "digits" / run.name
+    shutil.copytree(run, dst)
+    return dst
+
+
+def table_rows(run: Path) -> list[dict]:
+    return json.loads((run / "metrics.json").read_text())

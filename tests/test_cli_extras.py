@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import private_copy, table_rows
 
 from cfgx.cli import main
 
@@ -13,13 +14,10 @@ from cfgx.cli import main
 @pytest.fixture(scope="module")
 def run_copy(tiny_run, tmp_path_factory):
     """A private copy, so these tests' rows do not leak into other tests' assertions."""
-    dst = tmp_path_factory.mktemp("extras") / "digits" / tiny_run.name
-    shutil.copytree(tiny_run, dst)
-    return dst
+    return private_copy(tiny_run, tmp_path_factory, "extras")
 
 
-def _rows(run):
-    return json.loads((run / "metrics.json").read_text())
+_rows = table_rows
 
 
 def test_classifier_guidance_rows_beside_cfg(run_copy, workdir, capsys):

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import private_copy, table_rows
 from omegaconf import OmegaConf
 
 from cfgx.cli import main
@@ -16,13 +17,10 @@ from cfgx.cli import main
 @pytest.fixture(scope="module")
 def lab_run(tiny_run, tmp_path_factory):
     """A private copy of the tiny run (it keeps EMA snapshots at steps 6 and 12)."""
-    dst = tmp_path_factory.mktemp("lab") / "digits" / tiny_run.name
-    shutil.copytree(tiny_run, dst)
-    return dst
+    return private_copy(tiny_run, tmp_path_factory, "lab")
 
 
-def _rows(run):
-    return json.loads((run / "metrics.json").read_text())
+_rows = table_rows
 
 
 def test_snapshots_are_plain_ema_tensors(lab_run):
