@@ -93,11 +93,13 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     if cfg.backbone.name == "exact":  # analytic denoiser: nothing to train
         return TrainResult(model.eval(), 0, 0.0, 0.0)
 
-    channels_last = bool(tc.get("channels_last", False)) and len(data.shape) == 3
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if not tc.get("channels_last", True):  # the U-Net is built NHWC; this trains it NCHW instead
+        model = model.to(memory_format=torch.contiguous_format)
     ema = make_ema(model, float(tc.ema_decay))
-    opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), weight_decay=float(tc.weight_decay))
+    # fused: one kernel over every parameter instead of a Python loop of ~10 ops per tensor (the
+    # default on CPU); same update to float rounding, 3x less optimizer time (tests/test_unet_fast_path.py).
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), weight_decay=float(tc.weight_decay),
+                            fused=device.type in ("cpu", "cuda"))
     warmup = max(int(tc.warmup_steps), 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     loss_fn = EpsLoss(schedule, float(cfg.cond_drop.p))
@@ -169,8 +171,6 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
             while step < steps:
                 idx = batch_indices(step, n, bs, int(cfg.seed), device)
                 x, y = x_all[idx[local]], y_all[idx[local]]
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 if cfg.dataset.get("hflip", False):
                     flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)

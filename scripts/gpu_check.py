@@ -74,9 +74,8 @@ def cifar_model_and_batch(batch: int, device: torch.device):
 
 def time_train_steps(compiled: bool, channels_last: bool, steps: int, batch: int, device: torch.device) -> dict:
     model, x, t, y = cifar_model_and_batch(batch, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format  # the U-Net is built NHWC
+    model, x = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
     flops = train_step_flops(model, x, t, y)
     net = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)

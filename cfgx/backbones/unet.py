@@ -66,18 +66,30 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
-                                             v.transpose(-1, -2))
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        # The 1x1 convs run as linear maps on (b, hw, c) tokens: q, k, v then reach SDPA with a
+        # unit-stride head dimension, which its CPU flash kernel needs (strided inputs fall back to
+        # the unfused math path). Same weights, same function; a channels_last x flattens for free.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        qkv = F.linear(tokens, self.qkv.weight.view(3 * c, c), self.qkv.bias)
+        q, k, v = qkv.view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        out = F.linear(out, self.proj.weight.view(c, c), self.proj.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class UNet(nn.Module):
-    """eps(x_t, t, y); ``y == num_classes`` is the null (unconditional) label."""
+    """eps(x_t, t, y); ``y == num_classes`` is the null (unconditional) label.
+
+    ``channels_last`` stores the conv weights NHWC and runs the activations NHWC: oneDNN's CPU
+    convolutions and cuDNN's tensor-core ones are fastest in that layout, and the function is the
+    same (``tests/test_unet_fast_path.py``). ``model.to(memory_format=torch.contiguous_format)``
+    switches a built model back; ``forward`` follows whatever layout ``conv_in``'s weight has.
+    """
 
     def __init__(self, in_channels: int, resolution: int, num_classes: int, ch: int = 64,
                  ch_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
-                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, heads: int = 1) -> None:
+                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, heads: int = 1,
+                 channels_last: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -120,9 +132,13 @@ class UNet(nn.Module):
         self.out = nn.Conv2d(cur, in_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.ch)) + self.label_emb(y)
+        if self.out.weight.is_contiguous(memory_format=torch.channels_last):  # conv_in may have 1 input ch
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         hs = [h]
         for blk in self.down:
