@@ -93,8 +93,8 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     if cfg.backbone.name == "exact":  # analytic denoiser: nothing to train
         return TrainResult(model.eval(), 0, 0.0, 0.0)
 
-    if not tc.get("channels_last", True):  # the U-Net is built NHWC; this trains it NCHW instead
-        model = model.to(memory_format=torch.contiguous_format)
+    if tc.get("channels_last", False):  # NHWC weights; the U-Net's forward then runs NHWC too
+        model = model.to(memory_format=torch.channels_last)
     ema = make_ema(model, float(tc.ema_decay))
     # fused: one kernel over every parameter instead of a Python loop of ~10 ops per tensor (the
     # default on CPU); same update to float rounding, 3x less optimizer time (tests/test_unet_fast_path.py).

@@ -74,7 +74,7 @@ def cifar_model_and_batch(batch: int, device: torch.device):
 
 def time_train_steps(compiled: bool, channels_last: bool, steps: int, batch: int, device: torch.device) -> dict:
     model, x, t, y = cifar_model_and_batch(batch, device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format  # the U-Net is built NHWC
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model, x = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
     flops = train_step_flops(model, x, t, y)
     net = torch.compile(model) if compiled else model

@@ -21,6 +21,7 @@ from cfgx.metrics.inception import (
     FeatureExtractor,
     images_to_uint8,
     logits_available,
+    speed_up_for_inference,
     weights_sha256,
 )
 from cfgx.metrics.standard import fid_from_features, inception_score_from_logits
@@ -252,3 +253,67 @@ def test_real_inception_fid_matches_torch_fidelity_and_is_unavailable(tmp_path):
     assert ref > 1.0
     assert abs(ours - ref) / ref < 0.005, (ours, ref)
     assert np.isfinite(ours)
+
+
+# ----------------------------------------------------------------------------- the fast path
+
+
+def _tf_inception(weights: Path | None):
+    """torch-fidelity's FID Inception as it ships (BN unfolded, NCHW); random init without weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInit(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    if weights is not None:
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    empty = Path(os.environ.get("TMPDIR", "/tmp")) / f"cfgx-empty-{os.getpid()}.pth"
+    torch.save({}, empty)
+    try:
+        net = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    finally:
+        empty.unlink()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # BN statistics far from (0, 1), so folding them is not a no-op
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return net.eval()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_fast_inception_computes_the_plain_features():
+    import copy
+
+    plain = _tf_inception(None)
+    fast = speed_up_for_inference(copy.deepcopy(plain))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert fast.Conv2d_2a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = _images(3, size=32)
+    with torch.no_grad():
+        (ref,), (got,) = plain(x), fast(x)
+    assert float(ref.abs().max()) > 0
+    assert _rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.shared_data
+def test_real_inception_features_and_fid_unchanged_by_the_fast_path():
+    weights = _shared_weights()
+    if weights is None:
+        pytest.skip("shared FID Inception weights not present (set CFGX_SHARED_DATA)")
+    set_a, set_b = _fixed_sets(12)
+    plain = _tf_inception(weights).eval()
+    ext = FeatureExtractor.inception(weights, batch_size=12)
+    with torch.no_grad():
+        ref_a, ref_b = plain(set_a)[0].double(), plain(set_b)[0].double()
+    fa, fb = ext(set_a).pool, ext(set_b).pool
+    assert _rel_err(fa, ref_a) < 1e-5 and _rel_err(fb, ref_b) < 1e-5
+    fid_fast, fid_plain = fid_from_features(fa, fb), fid_from_features(ref_a, ref_b)
+    assert abs(fid_fast - fid_plain) / fid_plain < 5e-5, (fid_fast, fid_plain)  # 4 significant digits

@@ -1,8 +1,8 @@
 """The fast path computes what the plain path computes (issue 10: same math, only faster).
 
-The U-Net runs NHWC (channels_last) with its attention 1x1 convs as token-wise linear maps, and
-training steps AdamW fused. Each is checked here against the plain formulation: NCHW convolutions,
-DDPM's conv-based attention written out below as an oracle, and AdamW's for-loop update.
+The U-Net runs its attention's 1x1 convs as token-wise linear maps, can run NHWC (channels_last),
+and training steps AdamW fused. Each is checked here against the plain formulation: DDPM's
+conv-based attention written out below as an oracle, NCHW convolutions, AdamW's for-loop update.
 """
 
 from __future__ import annotations
@@ -14,13 +14,20 @@ from torch.nn import functional as F
 from cfgx.backbones.unet import Attention, UNet
 
 
-def _random_unet(heads: int = 1, in_channels: int = 3) -> UNet:
+def _random_unet(heads: int = 1, in_channels: int = 3, channels_last: bool = False) -> UNet:
+    def build(cl: bool) -> UNet:
+        return UNet(in_channels, 16, 10, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                    dropout=0.0, heads=heads, channels_last=cl)
+
     torch.manual_seed(0)
-    net = UNet(in_channels, 16, 10, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-               dropout=0.0, heads=heads)
+    net = build(False)
     with torch.no_grad():  # the constructor zero-initialises conv2/proj/out; make every path matter
         for p in net.parameters():
-            p.normal_(0.0, 0.1)
+            p.normal_(0.0, 0.1)  # in memory order: draw NCHW, then copy into the layout asked for
+    if channels_last:
+        net_cl = build(True)
+        net_cl.load_state_dict(net.state_dict())
+        return net_cl
     return net
 
 
@@ -55,9 +62,9 @@ def test_attention_equals_the_conv_formulation(heads):
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
-def test_unet_is_nhwc_by_default_and_computes_what_the_nchw_net_computes(in_channels):
-    fast = _random_unet(heads=2, in_channels=in_channels)
-    plain = _random_unet(heads=2, in_channels=in_channels).to(memory_format=torch.contiguous_format)
+def test_nhwc_unet_computes_what_the_nchw_net_computes(in_channels):
+    fast = _random_unet(heads=2, in_channels=in_channels, channels_last=True)
+    plain = _random_unet(heads=2, in_channels=in_channels)
     conv = fast.down[0][0].conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert plain.down[0][0].conv1.weight.is_contiguous()
@@ -80,7 +87,7 @@ def test_unet_is_nhwc_by_default_and_computes_what_the_nchw_net_computes(in_chan
 
 
 def test_fused_adamw_steps_like_the_for_loop_update():
-    fast, plain = _random_unet(), _random_unet().to(memory_format=torch.contiguous_format)
+    fast, plain = _random_unet(), _random_unet()
     opts = [torch.optim.AdamW(fast.parameters(), lr=1e-3, weight_decay=0.01, fused=True),
             torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01, foreach=False)]
     x, t, y = _batch()

@@ -80,16 +80,16 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """eps(x_t, t, y); ``y == num_classes`` is the null (unconditional) label.
 
-    ``channels_last`` stores the conv weights NHWC and runs the activations NHWC: oneDNN's CPU
-    convolutions and cuDNN's tensor-core ones are fastest in that layout, and the function is the
-    same (``tests/test_unet_fast_path.py``). ``model.to(memory_format=torch.contiguous_format)``
-    switches a built model back; ``forward`` follows whatever layout ``conv_in``'s weight has.
+    ``channels_last`` stores the conv weights NHWC and runs the activations NHWC, the layout cuDNN's
+    tensor cores want; the function is the same (``tests/test_unet_fast_path.py``). Off by default:
+    on the 2-core CPU it trained the peer_bench sizes 1-4% slower (README, "Speed").
+    ``model.to(memory_format=...)`` switches a built model; ``forward`` follows its weights' layout.
     """
 
     def __init__(self, in_channels: int, resolution: int, num_classes: int, ch: int = 64,
                  ch_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, heads: int = 1,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.in_channels = in_channels

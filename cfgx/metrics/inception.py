@@ -147,6 +147,7 @@ class InceptionV3FeatureNet(nn.Module):
             ) from exc
         self.requires_grad_(False)
         self.eval()
+        speed_up_for_inference(self.model)
 
     @property
     def fc(self) -> nn.Linear:
@@ -155,6 +156,33 @@ class InceptionV3FeatureNet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pool, logits = self.model(images)
         return pool, logits
+
+
+def speed_up_for_inference(net: nn.Module) -> nn.Module:
+    """The same eval-mode function, faster: BatchNorm folded into its conv, NHWC weights.
+
+    oneDNN's convolutions are faster on NHWC, and the folded net is all convs, pools and ReLUs.
+    Only for a frozen net: folding bakes in the running statistics.
+    """
+    _fold_batchnorm(net)
+    return net.to(memory_format=torch.channels_last)
+
+
+def _fold_batchnorm(net: nn.Module) -> None:
+    """Fold each eval-mode BatchNorm into the conv before it: one pass over the activations fewer.
+
+    Inception's blocks are conv -> BN(running stats) -> ReLU, and BN then is an affine map per
+    channel, so ``conv'(x) = gamma * (conv(x) - mean) / sqrt(var + eps) + beta`` is the same conv
+    with rescaled weights and a bias. Features move by float rounding only (``tests/test_inception``
+    pins them to 1e-5 relative of the unfolded net).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in net.modules():
+        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            module.conv = fuse_conv_bn_eval(conv, bn)
+            module.bn = nn.Identity()
 
 
 def _classifier_of(net: nn.Module) -> nn.Linear | None:
