@@ -176,6 +176,9 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) is not None:  # absent from configs of runs older than the key
             v = _num(cfg, key)
             _require(v == int(v) and v > 0, f"{key}={v} must be a positive integer")
+    ibs = OmegaConf.select(cfg, "eval.inception_batch_size", default="auto")
+    _require(ibs == "auto" or (isinstance(ibs, int) and not isinstance(ibs, bool) and ibs > 0),
+             f"eval.inception_batch_size={ibs!r} must be a positive integer or auto")
     _require(int(cfg.sampler.steps) <= int(cfg.diffusion.num_steps),
              f"sampler.steps={cfg.sampler.steps} exceeds diffusion.num_steps={cfg.diffusion.num_steps}")
     _require(0 <= _num(cfg, "sampler.eta") <= 1, "sampler.eta must be in [0, 1]")

@@ -3,15 +3,18 @@
 Uses the real weights when found (--weights, $CFGX_SHARED_DATA, ../shared/data,
 or the torch hub cache), else a random-init network of the same architecture:
 throughput does not depend on the weight values. Runs on CPU, and on CUDA too
-when available.
+when available. Measures cfgx's extractor (BatchNorm folded, NHWC, at --batch) and,
+alternating with it, torch-fidelity's network as it ships at --plain-batch (what
+cfgx ran before), so the printed ratio is a side-by-side one.
 
-    python scripts/bench_inception.py [--n 64] [--batch 32] [--device cpu|cuda]
+    python scripts/bench_inception.py [--n 64] [--batch 16] [--plain-batch 64] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from cfgx.metrics.inception import (
     INCEPTION_WEIGHTS_FILENAME,
     FeatureExtractor,
     resolve_weights_path,
+    speed_up_for_inference,
 )
 
 
@@ -60,11 +64,24 @@ def _extractor(weights: Path | None, device: str, batch: int) -> FeatureExtracto
         net = _RandomInitInception(
             INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(empty)
         )
-    return FeatureExtractor(net, name=INCEPTION_NAME + "-random", device=device, batch_size=batch)
+    return FeatureExtractor(speed_up_for_inference(net.eval()), name=INCEPTION_NAME + "-random", device=device,
+                            batch_size=batch)
 
 
-def bench(weights: Path | None, device: str, n: int, batch: int) -> float:
-    ext = _extractor(weights, device, batch)
+def _plain_extractor(weights: Path | None, device: str, batch: int) -> FeatureExtractor:
+    """torch-fidelity's network untouched (BatchNorm unfolded, NCHW): the before of the ratio."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = weights
+        if path is None:
+            path = Path(tmp) / "empty.pth"
+            torch.save({}, path)
+        cls = FeatureExtractorInceptionV3 if weights is not None else _RandomInitInception
+        net = cls(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path))
+    return FeatureExtractor(net.eval(), name=INCEPTION_NAME + "-plain", device=device, batch_size=batch)
+
+
+def bench(weights: Path | None, device: str, n: int, batch: int, plain: bool = False) -> float:
+    ext = (_plain_extractor if plain else _extractor)(weights, device, batch)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     ext(images[:batch])  # warm-up: allocator, cuDNN autotuning, lazy init
     if device.startswith("cuda"):
@@ -79,7 +96,9 @@ def bench(weights: Path | None, device: str, n: int, batch: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="images timed per device (after one warm-up batch)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16, help="cfgx's batch (eval.inception_batch_size=auto on CPU)")
+    ap.add_argument("--plain-batch", type=int, default=64, help="batch of the plain network (cfgx's old default)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are printed")
     ap.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
     ap.add_argument("--weights", default=None, help="path to " + INCEPTION_WEIGHTS_FILENAME)
     args = ap.parse_args()
@@ -92,8 +111,13 @@ def main() -> None:
     )
     for device in devices:
         n = args.n if device == "cpu" else max(args.n, 2048)
-        rate = bench(weights, device, n, args.batch)
-        print(f"inception: {rate:.1f} img/s ({device}, batch {args.batch})")
+        fast, plain = [], []
+        for _ in range(args.rounds):
+            fast.append(bench(weights, device, n, args.batch))
+            plain.append(bench(weights, device, n, args.plain_batch, plain=True))
+        f, p = statistics.median(fast), statistics.median(plain)
+        print(f"inception: {f:.2f} img/s ({device}, batch {args.batch}); torch-fidelity's net as shipped "
+              f"(batch {args.plain_batch}): {p:.2f} img/s; ratio {f / p:.2f}x")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def bench_train(size: str, repeats: int, min_s: float) -> float:
     torch.manual_seed(0)
     model = UNet(num_classes=10, **arch)
     ema = make_ema(model, 0.9999)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as cfgx.train steps it
     loss_fn = EpsLoss(SCHEDULE, 0.1)
     x = torch.randn(batch, arch["in_channels"], arch["resolution"], arch["resolution"])
     y = torch.randint(0, 10, (batch,))
@@ -100,7 +100,7 @@ def bench_inception(n: int) -> tuple[float, str]:
     from bench_inception import bench as inception_rate
 
     weights = _find_weights(None)
-    return inception_rate(weights, "cpu", n, 32), ("real" if weights else "random-init")
+    return inception_rate(weights, "cpu", n, 16), ("real" if weights else "random-init")  # eval's auto batch on CPU
 
 
 def main() -> int:

@@ -80,6 +80,8 @@ def test_unknown_choice_or_key_names_the_valid_ones(overrides, needle):
     (["sampler.steps=5000"], "exceeds"),
     (["eval.seed_blocks=0"], "eval.seed_blocks=0 must be a positive integer"),
     (["eval.pr_k=-1"], "eval.pr_k"),
+    (["eval.inception_batch_size=0"], "eval.inception_batch_size=0 must be a positive integer or auto"),
+    (["eval.inception_batch_size=big"], "eval.inception_batch_size='big' must be"),
 ])
 def test_validate_rejects(overrides, needle):
     with pytest.raises(CfgxError, match=needle):

@@ -122,8 +122,10 @@ class EvalSuite:
         from cfgx.metrics.inception import FeatureExtractor
 
         weights = OmegaConf.select(cfg, "eval.inception_weights", default=None)
-        self.inception = FeatureExtractor.inception(weights, device=self.device,
-                                                    batch_size=int(cfg.eval.get("inception_batch_size", 64)))
+        bs = cfg.eval.get("inception_batch_size", "auto")
+        if bs == "auto":  # 16 is the fastest on CPU (cache-sized activations); GPUs want big batches
+            bs = 16 if self.device.type == "cpu" else 128
+        self.inception = FeatureExtractor.inception(weights, device=self.device, batch_size=int(bs))
         prov = self.inception.provenance()
         self.info.update({"extractor_inception": prov["extractor"], "inception_weights": prov["weights_sha256"]})
         cache = FeatureCache(cfg.paths.cache)
