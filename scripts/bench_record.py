@@ -8,7 +8,9 @@ Measures, in one process on this machine:
                scale kind: s in {0, 1} (one network call per step) and guided s (a 2B batch);
   inception  - FID Inception-v3 img/s on 32x32 uint8 images (random init when the real weights are
                not found: throughput does not depend on weight values);
-  peak_rss_mb - the process's peak resident memory.
+  peak_rss_mb - the process's peak resident memory;
+  sgemm_gflops - a 2048^3 fp32 matmul's GFLOP/s (mean of the start and the end): the machine's own
+               speed, by which ratio_to_previous_per_sgemm divides each ratio to the previous record.
 Timings are medians of --repeats runs after a warm-up. The machines here are shared and noisy: a
 figure means something only as a ratio to another measured side by side, which is what --compare
 gives (the previous record by default) -- and for a claim against other U-Nets use
@@ -59,6 +61,16 @@ def _median_rate(fn, items: int, repeats: int, min_s: float) -> float:
                 break
         rates.append(n * items / dt)
     return statistics.median(rates)
+
+
+def sgemm_gflops() -> float:
+    """The machine's fp32 matrix-multiply rate right now: the yardstick for drift between records."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 2 * 2048**3 * 8 / (time.perf_counter() - t0) / 1e9
 
 
 def bench_train(size: str, repeats: int, min_s: float) -> float:
@@ -117,6 +129,7 @@ def main() -> int:
     rec: dict = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
                  "train_img_per_s": {}, "sample_per_s": {}}
+    sgemm = [sgemm_gflops()]
     for size in TRAIN_SIZES:
         rec["train_img_per_s"][size] = round(bench_train(size, repeats, min_s), 2)
         print(f"train {size}: {rec['train_img_per_s'][size]} img/s", flush=True)
@@ -129,6 +142,9 @@ def main() -> int:
     rec["inception_img_per_s"], rec["inception_weights"] = round(rate, 2), kind
     print(f"inception ({kind} weights): {rec['inception_img_per_s']} img/s", flush=True)
     rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    sgemm.append(sgemm_gflops())
+    rec["sgemm_gflops"] = round(statistics.mean(sgemm), 1)
+    print(f"sgemm 2048^3: {sgemm[0]:.1f} GFLOP/s at the start, {sgemm[1]:.1f} at the end", flush=True)
 
     if prev is not None:
         def ratios(new, old):
@@ -138,6 +154,12 @@ def main() -> int:
 
         rec["ratio_to_previous"] = {k: ratios(rec[k], prev.get(k)) for k in
                                     ("train_img_per_s", "sample_per_s", "inception_img_per_s", "peak_rss_mb")}
+        if prev.get("sgemm_gflops"):  # speeds divided by how much faster the machine itself got
+            machine = rec["sgemm_gflops"] / prev["sgemm_gflops"]
+            per = lambda r: ({k: per(v) for k, v in r.items()} if isinstance(r, dict)
+                             else None if r is None else round(r / machine, 3))
+            rec["ratio_to_previous_per_sgemm"] = {k: per(v) for k, v in rec["ratio_to_previous"].items()
+                                                  if k != "peak_rss_mb"}
         rec["previous"] = {"when": prev.get("when"), "path": str(prev_path)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2) + "\n")
