@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cfgx.plotting import curve_figure
+from cfgx.report import latest_checkpoint_rows
 from cfgx.runs import atomic_write_text
 
 MATCH_ACCURACY = 0.99
@@ -21,12 +22,7 @@ MATCH_ACCURACY = 0.99
 
 def latest_rows(rows: list[dict]) -> list[dict]:
     """Rows of each run's newest checkpoint, without postprocessing: one curve per rule."""
-    newest: dict[str, int] = {}
-    for r in rows:
-        k = str(r.get("run", ""))
-        newest[k] = max(newest.get(k, -1), int(r.get("checkpoint_step") or 0))
-    return [r for r in rows if int(r.get("checkpoint_step") or 0) == newest[str(r.get("run", ""))]
-            and r.get("postprocess", "none") == "none"]
+    return [r for r in latest_checkpoint_rows(rows) if r.get("postprocess", "none") == "none"]
 
 
 def by_method(rows: list[dict]) -> dict[str, list[dict]]:

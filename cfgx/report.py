@@ -153,7 +153,7 @@ def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path
 
     out_dir = Path(out_dir)
     paths = plot_checkpoints(rows, out_dir, prefix)
-    rows = _latest_checkpoint(rows)
+    rows = latest_checkpoint_rows(rows)
     groups = _series(rows)
     xk, yk, xl, yl = _quality_keys(rows)
 
@@ -196,7 +196,7 @@ def plot_run(rows: list[dict], out_dir: Path, prefix: str = "plot") -> list[Path
     return paths
 
 
-def _latest_checkpoint(rows: list[dict]) -> list[dict]:
+def latest_checkpoint_rows(rows: list[dict]) -> list[dict]:
     """Each run's rows at its newest checkpoint (older snapshots have their own per-step figure)."""
     newest: dict[str, int] = {}
     for r in rows:

@@ -57,10 +57,10 @@ def parse_checkpoints(spec: str, run_dir: Path) -> list[int | None]:
     no snapshot (and not last.pt's step) is one line naming the steps that exist.
     """
     spec = str(spec).strip().strip("[]")
+    if spec in ("", "last"):  # the default sweep: no need to open last.pt just to learn its step
+        return [None]
     have = snapshot_steps(run_dir)
     final = last_step(run_dir)
-    if spec in ("", "last"):
-        return [None]
     if spec == "all":
         return [s for s in have if s != final] + [None]
     out: list[int | None] = []

@@ -42,10 +42,7 @@ def cfg_eps(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.T
         return model(x, t, null).float()
     if scale == 1:
         return model(x, t, y).float()
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-    # Under bf16 autocast the network returns bf16; the difference cond - uncond is small and
-    # multiplied by s, so combine in float32 or the rounding error grows with the scale.
-    cond, uncond = out.float().chunk(2)
+    cond, uncond = cond_uncond(model, x, t, y)
     return uncond + scale * (cond - uncond)
 
 
@@ -117,9 +114,11 @@ def scheduled_scale(kind: str, s: float, index: int, num_steps: int) -> float:
 
 def cond_uncond(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps(x, c), eps(x, null)) in float32 from one batch of 2B, exactly as ``cfg_eps`` computes them."""
+    """(eps(x, c), eps(x, null)) in float32 from one batch of 2B (one launch per step on a GPU)."""
     null = null_labels_like(y, model.num_classes)
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    # Under bf16 autocast the network returns bf16; the difference cond - uncond is small and
+    # multiplied by s, so combine in float32 or the rounding error grows with the scale.
     cond, uncond = out.float().chunk(2)
     return cond, uncond
 
