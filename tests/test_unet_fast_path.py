@@ -15,20 +15,13 @@ from cfgx.backbones.unet import Attention, UNet
 
 
 def _random_unet(heads: int = 1, in_channels: int = 3, channels_last: bool = False) -> UNet:
-    def build(cl: bool) -> UNet:
-        return UNet(in_channels, 16, 10, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                    dropout=0.0, heads=heads, channels_last=cl)
-
     torch.manual_seed(0)
-    net = build(False)
+    net = UNet(in_channels, 16, 10, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+               dropout=0.0, heads=heads)
     with torch.no_grad():  # the constructor zero-initialises conv2/proj/out; make every path matter
         for p in net.parameters():
-            p.normal_(0.0, 0.1)  # in memory order: draw NCHW, then copy into the layout asked for
-    if channels_last:
-        net_cl = build(True)
-        net_cl.load_state_dict(net.state_dict())
-        return net_cl
-    return net
+            p.normal_(0.0, 0.1)  # in memory order: draw NCHW, then convert, so both nets hold the same weights
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 def _batch(in_channels: int = 3, n: int = 6):

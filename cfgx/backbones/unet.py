@@ -80,16 +80,15 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """eps(x_t, t, y); ``y == num_classes`` is the null (unconditional) label.
 
-    ``channels_last`` stores the conv weights NHWC and runs the activations NHWC, the layout cuDNN's
-    tensor cores want; the function is the same (``tests/test_unet_fast_path.py``). Off by default:
-    on the 2-core CPU it trained the peer_bench sizes 1-4% slower (README, "Speed").
-    ``model.to(memory_format=...)`` switches a built model; ``forward`` follows its weights' layout.
+    ``model.to(memory_format=torch.channels_last)`` makes it run NHWC (``forward`` follows the
+    weights' layout), the layout cuDNN's tensor cores want; the function is the same
+    (``tests/test_unet_fast_path.py``). Built NCHW: on the 2-core CPU NHWC trained the peer_bench
+    sizes 1-4% slower (README, "Speed").
     """
 
     def __init__(self, in_channels: int, resolution: int, num_classes: int, ch: int = 64,
                  ch_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
-                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, heads: int = 1,
-                 channels_last: bool = False) -> None:
+                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, heads: int = 1) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -132,8 +131,6 @@ class UNet(nn.Module):
         self.out = nn.Conv2d(cur, in_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.ch)) + self.label_emb(y)
