@@ -55,29 +55,27 @@ def _find_weights(explicit: str | None) -> Path | None:
         return None
 
 
+def _torch_fidelity_net(weights: Path | None) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's network as it ships (BatchNorm unfolded, NCHW); random init without weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, cls = weights, FeatureExtractorInceptionV3
+        if path is None:  # torch-fidelity always loads a state dict: hand it an empty one
+            path, cls = Path(tmp) / "empty.pth", _RandomInitInception
+            torch.save({}, path)
+        return cls(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)).eval()
+
+
 def _extractor(weights: Path | None, device: str, batch: int) -> FeatureExtractor:
     if weights is not None:
         return FeatureExtractor.inception(weights, device=device, batch_size=batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)
-        net = _RandomInitInception(
-            INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(empty)
-        )
-    return FeatureExtractor(speed_up_for_inference(net.eval()), name=INCEPTION_NAME + "-random", device=device,
-                            batch_size=batch)
+    return FeatureExtractor(speed_up_for_inference(_torch_fidelity_net(None)), name=INCEPTION_NAME + "-random",
+                            device=device, batch_size=batch)
 
 
 def _plain_extractor(weights: Path | None, device: str, batch: int) -> FeatureExtractor:
-    """torch-fidelity's network untouched (BatchNorm unfolded, NCHW): the before of the ratio."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = weights
-        if path is None:
-            path = Path(tmp) / "empty.pth"
-            torch.save({}, path)
-        cls = FeatureExtractorInceptionV3 if weights is not None else _RandomInitInception
-        net = cls(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path))
-    return FeatureExtractor(net.eval(), name=INCEPTION_NAME + "-plain", device=device, batch_size=batch)
+    """torch-fidelity's network untouched: the before of the ratio."""
+    return FeatureExtractor(_torch_fidelity_net(weights), name=INCEPTION_NAME + "-plain", device=device,
+                            batch_size=batch)
 
 
 def bench(weights: Path | None, device: str, n: int, batch: int, plain: bool = False) -> float:
