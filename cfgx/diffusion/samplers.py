@@ -33,8 +33,9 @@ def logsnr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
     Lu et al. (2022) use this spacing for pixel-space models: a multistep solver's extrapolation
     assumes slowly varying step ratios h_i / h_{i-1}, and uniform-in-t steps on the linear schedule
     end with one jump in lambda several times the size of the previous one (2.9 vs 0.66 at 20
-    steps), which throws the second-order correction far off. Rounded to integer timesteps;
-    duplicates (only at hundreds of steps) are dropped, so the count can fall short of ``steps``.
+    steps), which throws the second-order correction far off. Rounded to integer timesteps; where
+    rounding collides (only at hundreds of steps) neighbours are pushed apart, so there are
+    exactly ``steps`` distinct timesteps.
     """
     if steps <= 0 or steps > schedule.num_steps:
         raise ValueError(f"sampler steps must be in [1, {schedule.num_steps}], got {steps}")
