@@ -1,5 +1,5 @@
 import sys
 
-from cfgx.cli import main
+from cfgx.cli.commands import main
 
 sys.exit(main())

@@ -109,7 +109,7 @@ def setup(device_name: str, backend: str = "auto", timeout_min: float = 60.0,
     batch) is checked against the world size before any rendezvous, so a bad value
     fails at once on every rank instead of hanging.
     """
-    from cfgx.runs import pick_device
+    from cfgx.store.rundir import pick_device
 
     _adopt_submitit_env()
     world = world_size()

@@ -28,8 +28,8 @@ from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.runs import CKPT_NAME, AppendLog, atomic_torch_save
-from cfgx.snapshots import save_snapshot
+from cfgx.store.rundir import CKPT_NAME, AppendLog, atomic_torch_save
+from cfgx.store.checkpoints import save_snapshot
 
 
 @dataclass
@@ -55,7 +55,7 @@ def batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Ten
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    from cfgx.safeload import safe_load
+    from cfgx.store.safeload import safe_load
 
     return safe_load(path, map_location, fix="delete it to restart training from scratch")
 

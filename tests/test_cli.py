@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, TINY
 from omegaconf import OmegaConf
 
-from cfgx.cli import main, sweep_config
+from cfgx.cli.commands import main, sweep_config
 
 
 def run_cli(args, cwd, env_extra=None, timeout=300):
@@ -188,7 +188,7 @@ def test_other_reference_set_makes_new_rows_without_resampling(tiny_run, workdir
 def test_seed_blocks_report_mean_and_interval(tiny_run, workdir, capsys):
     import shutil
 
-    from cfgx.sweep import mean_ci
+    from cfgx.sweep.loop import mean_ci
 
     run = workdir / "blocks"
     shutil.copytree(tiny_run, run)

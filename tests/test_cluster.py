@@ -10,8 +10,8 @@ import json
 import pytest
 from conftest import REPO, TINY
 
-from cfgx.cli import main
-from cfgx.sweep import load_rows
+from cfgx.cli.commands import main
+from cfgx.sweep.loop import load_rows
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

@@ -20,9 +20,9 @@ import torch
 from conftest import REPO, TINY
 
 from cfgx import distributed
-from cfgx.cli import main
+from cfgx.cli.commands import main
 from cfgx.errors import CfgxError
-from cfgx.sweep import load_rows
+from cfgx.sweep.loop import load_rows
 
 # Columns that measure the machine, not the samples.
 TIMING = {"seconds", "samples_per_s", "device"}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from cfgx.cli import main
+from cfgx.cli.commands import main
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -275,7 +275,7 @@ def test_bad_inputs_in_a_subprocess_print_one_line(arena, workdir):
 
 def test_files_and_run_dirs_honour_the_umask(tmp_path):
     from cfgx.metrics.feature_cache import FeatureCache
-    from cfgx.runs import atomic_write_text, new_run_dir
+    from cfgx.store.rundir import atomic_write_text, new_run_dir
 
     old = os.umask(0o002)
     try:
@@ -296,7 +296,7 @@ def test_files_and_run_dirs_honour_the_umask(tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from cfgx.locks import acquire
+from cfgx.store.locks import acquire
 acquire(Path(sys.argv[1]))
 print("held", flush=True)
 if len(sys.argv) > 3:  # once another process waits for the lock (/proc/locks: "->"), finish the guarded work
@@ -321,7 +321,7 @@ def hold_lock(path: Path, seconds: float, *rename: Path) -> subprocess.Popen:
 
 
 def test_a_killed_holder_leaves_a_stale_lock_that_the_next_process_takes(tmp_path):
-    from cfgx.locks import acquire, holder
+    from cfgx.store.locks import acquire, holder
 
     path = tmp_path / ".train.lock"
     proc = hold_lock(path, 60)
@@ -407,7 +407,7 @@ def assert_same_results(a: Path, b: Path, parts: list[str]) -> None:
     """Every file of ``parts`` (files or folders) in run ``b`` holds exactly what it holds in run ``a``."""
     import json
 
-    from cfgx.safeload import safe_load
+    from cfgx.store.safeload import safe_load
 
     for part in parts:
         files = sorted(p.relative_to(a) for p in (a / part).rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -437,8 +437,8 @@ def test_train_ends_bit_identical_after_sigkills_and_full_disks(workdir, cache_d
 
     import faultkit
 
-    from cfgx.runs import read_meta
-    from cfgx.safeload import safe_load
+    from cfgx.store.rundir import read_meta
+    from cfgx.store.safeload import safe_load
 
     dirs = {k: workdir / k for k in "abc"}
     for d in dirs.values():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import matplotlib
 import pytest
 
-from cfgx.frontier import frontier_table, matched_point, write_frontier
-from cfgx.plotting import dominated, place_labels
-from cfgx.report import plot_run, reader_columns, write_tables
+from cfgx.report.frontier import frontier_table, matched_point, write_frontier
+from cfgx.report.plotting import dominated, place_labels
+from cfgx.report.tables import plot_run, reader_columns, write_tables
 
 matplotlib.use("Agg")
 
@@ -80,7 +80,7 @@ def test_labels_are_kept_apart_and_log_view_when_one_point_dominates():
 
 @pytest.mark.parametrize("bad", ["report.match_accuracy=1.5", "report.match_accuracy=x"])
 def test_bad_match_accuracy_is_one_line(bad, tmp_path, capsys):
-    from cfgx.cli import main
+    from cfgx.cli.commands import main
 
     assert main(["report", bad, str(tmp_path)]) == 2
     assert "fraction" in capsys.readouterr().err

@@ -12,12 +12,12 @@ import torch
 from conftest import TINY
 
 from cfgx.backbones.unet import UNet
-from cfgx.cli import train_task
+from cfgx.cli.commands import train_task
 from cfgx.config import compose
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.sample import generate
-from cfgx.sweep import load_rows
+from cfgx.sweep.loop import load_rows
 
 pytestmark = pytest.mark.gpu
 

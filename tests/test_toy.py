@@ -13,7 +13,7 @@ import json
 import pytest
 
 from cfgx.errors import CfgxError
-from cfgx.toy import run_toy
+from cfgx.toy.analysis import run_toy
 
 SCALES = [1.0, 2.0, 8.0]
 

@@ -9,7 +9,7 @@ from cfgx.backbones import build_backbone, check_label_dependence
 from cfgx.config import compose
 from cfgx.data import build_dataset
 from cfgx.errors import CfgxError
-from cfgx.runs import new_run_dir
+from cfgx.store.rundir import new_run_dir
 from cfgx.train import load_checkpoint, train
 
 SMALL = ["backbone.ch=8", "train.steps=10", "train.batch_size=16", "train.ckpt_every=4", "train.log_every=2"]
@@ -96,7 +96,7 @@ def test_loss_decreases_on_digits(tmp_path):
 
 
 def test_rerunning_an_interrupted_command_resumes_the_same_run_dir(tmp_path, cache_dir):
-    from cfgx.cli import train_task
+    from cfgx.cli.commands import train_task
 
     overrides = SMALL + ["eval.num_samples=20", "eval.batch_size=20", "sampler.steps=2", "guidance=1",
                          "eval.classifier.steps=150", "eval.classifier.width=8", f"paths.runs={tmp_path}"]

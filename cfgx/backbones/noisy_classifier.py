@@ -33,9 +33,9 @@ from cfgx.cpu import torch_threads
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.locks import locked
-from cfgx.runs import atomic_torch_save
-from cfgx.safeload import UnreadableFileError, safe_load
+from cfgx.store.locks import locked
+from cfgx.store.rundir import atomic_torch_save
+from cfgx.store.safeload import UnreadableFileError, safe_load
 
 VERSION = "guideclf-v1"
 CACHE_NAME = "guidance_classifier.pt"

@@ -27,9 +27,9 @@ from torch.nn import functional as F
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
-from cfgx.locks import locked
-from cfgx.runs import atomic_torch_save
-from cfgx.safeload import UnreadableFileError, safe_load
+from cfgx.store.locks import locked
+from cfgx.store.rundir import atomic_torch_save
+from cfgx.store.safeload import UnreadableFileError, safe_load
 
 VERSION = "evalcnn-v1"
 

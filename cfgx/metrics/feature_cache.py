@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from cfgx.errors import CfgxError
-from cfgx.runs import atomic_torch_save
-from cfgx.safeload import UnreadableFileError, safe_load
+from cfgx.store.rundir import atomic_torch_save
+from cfgx.store.safeload import UnreadableFileError, safe_load
 
 
 def default_cache_root() -> Path:

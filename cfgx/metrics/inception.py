@@ -126,7 +126,7 @@ class InceptionV3FeatureNet(nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        from cfgx.safeload import UnsafeFileError, safe_load
+        from cfgx.store.safeload import UnsafeFileError, safe_load
 
         path = resolve_weights_path(weights_path)
         self.weights_path = path

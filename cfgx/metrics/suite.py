@@ -25,7 +25,7 @@ from cfgx import distributed
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
-from cfgx.locks import locked
+from cfgx.store.locks import locked
 from cfgx.metrics.classifier import boundary_stats, classifier_metrics
 from cfgx.metrics.diversity import (
     density_coverage,

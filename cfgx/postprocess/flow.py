@@ -48,7 +48,7 @@ from cfgx.backbones.unet import timestep_embedding
 from cfgx.console import progress_bar, say
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
-from cfgx.runs import atomic_torch_save, atomic_write_json, scale_tag
+from cfgx.store.rundir import atomic_torch_save, atomic_write_json, scale_tag
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 NN_SPACES = ("pixels", "classifier", "inception")
@@ -505,7 +505,7 @@ def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBu
                         schedule, sampler, device: torch.device | str, console=None,
                         feature_fn: FeatureFn | None = None) -> dict[str, Any]:
     """``_train_postprocessor`` by one process at a time: a second one waits, then resumes the finished flow."""
-    from cfgx.locks import locked
+    from cfgx.store.locks import locked
 
     with locked(Path(run_dir) / ".postprocess.lock", f"the postprocessor of {run_dir}", console):
         return _train_postprocessor(cfg_post, run_dir, data, model, schedule, sampler, device, console, feature_fn)
@@ -554,7 +554,7 @@ def _train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetB
 
     backbone_cfg = None
     if data.is_image:
-        from cfgx.runs import load_run_config
+        from cfgx.store.rundir import load_run_config
 
         cfg_path = Path(run_dir) / "config.yaml"
         backbone_cfg = load_run_config(Path(run_dir))["backbone"] if cfg_path.is_file() else None

@@ -177,9 +177,9 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir."""
     from cfgx import distributed
     from cfgx.data import build_dataset
-    from cfgx.locks import run_lock
-    from cfgx.runs import atomic_write_json, read_meta
-    from cfgx.sweep import run_sweep
+    from cfgx.store.locks import run_lock
+    from cfgx.store.rundir import atomic_write_json, read_meta
+    from cfgx.sweep.loop import run_sweep
     from cfgx.train import train
 
     validate(cfg)
@@ -199,7 +199,7 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     # Rank 0 alone finds the run to resume, or creates one, and locks it; every rank then trains that
     # one (or fails alike). What the sweep will need is checked before a run dir is made, on every
     # rank, because building the evaluation side is collective under torchrun.
-    from cfgx.preflight import check_before_training
+    from cfgx.cli.preflight import check_before_training
 
     found = _on_main(lambda: _find_run_dir(cfg, data, h))
     check_before_training(cfg, data, device, None if found is None else Path(found), console)
@@ -246,7 +246,7 @@ def _on_main(fn):
 
 def _find_run_dir(cfg: DictConfig, data, h: str) -> str | None:
     """The run to continue: run=PATH, or the unfinished run of this config; None for a new run."""
-    from cfgx.runs import find_resumable, read_meta, resolve_run
+    from cfgx.store.rundir import find_resumable, read_meta, resolve_run
 
     runs_root = Path(str(cfg.paths.runs))
     if cfg.run:
@@ -263,7 +263,7 @@ def _find_run_dir(cfg: DictConfig, data, h: str) -> str | None:
 
 def _new_run_dir(cfg: DictConfig, data, h: str, overrides: list[str], device, console) -> Path:
     """A new run dir with its config, overrides and meta, made whole or not at all (rank 0 only)."""
-    from cfgx.runs import new_run_dir, provenance
+    from cfgx.store.rundir import new_run_dir, provenance
 
     meta = {"config_hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seed": int(cfg.seed),
             "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": False,
@@ -296,7 +296,7 @@ def _selects(overrides: list[str], group: str) -> bool:
 
 def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
     """The run's saved config with the user's evaluation overrides on top, and the run dir."""
-    from cfgx.runs import load_run_config, resolve_run
+    from cfgx.store.rundir import load_run_config, resolve_run
 
     overrides = normalize_overrides(args)
     run_arg = None
@@ -329,8 +329,8 @@ def cmd_sweep(args: list[str]) -> int:
     from cfgx import distributed
     from cfgx.data import build_dataset
     from cfgx.diffusion.schedule import NoiseSchedule
-    from cfgx.snapshots import load_snapshot_model, parse_checkpoints
-    from cfgx.sweep import run_sweep
+    from cfgx.store.checkpoints import load_snapshot_model, parse_checkpoints
+    from cfgx.sweep.loop import run_sweep
     from cfgx.train import load_ema_model
 
     ckpt_args = [a for a in args if a.startswith("checkpoint=")]
@@ -351,7 +351,7 @@ def cmd_sweep(args: list[str]) -> int:
     with distributed.main_first():
         data = build_dataset(cfg.dataset)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    from cfgx.preflight import training_note
+    from cfgx.cli.preflight import training_note
 
     # checkpoint=all|last|STEP[,STEP...]: last.pt and/or EMA snapshots (train.snapshot_every)
     for snap in parse_checkpoints(ckpt_args[-1].split("=", 1)[1] if ckpt_args else "last", run_dir):
@@ -371,10 +371,10 @@ def cmd_sweep(args: list[str]) -> int:
 # ---------------------------------------------------------------- report
 
 def cmd_report(args: list[str]) -> int:
-    from cfgx.frontier import MATCH_ACCURACY, write_frontier
-    from cfgx.report import console_table, plot_cond_drop_heatmap, plot_run, write_tables
-    from cfgx.runs import is_run_dir, load_run_config, resolve_run
-    from cfgx.sweep import load_rows
+    from cfgx.report.frontier import MATCH_ACCURACY, write_frontier
+    from cfgx.report.tables import console_table, plot_cond_drop_heatmap, plot_run, write_tables
+    from cfgx.store.rundir import is_run_dir, load_run_config, resolve_run
+    from cfgx.sweep.loop import load_rows
 
     out = None
     runs = []
@@ -460,8 +460,8 @@ def cmd_prepare(args: list[str]) -> int:
 
 def cmd_toy(args: list[str]) -> int:
     """Zhao & Schwing's 1D/2D analysis on analytic mixtures, into a new folder under runs/."""
-    from cfgx.runs import atomic_write_json, atomic_write_text, new_run_dir, provenance
-    from cfgx.toy import run_toy
+    from cfgx.store.rundir import atomic_write_json, atomic_write_text, new_run_dir, provenance
+    from cfgx.toy.analysis import run_toy
 
     overrides = normalize_overrides(args)
     if not _touches(overrides, "dataset"):
@@ -491,7 +491,7 @@ def cmd_toy(args: list[str]) -> int:
 def _load_run(args: list[str], extra: list[str] | None = None):
     from cfgx.data import build_dataset
     from cfgx.diffusion.schedule import NoiseSchedule
-    from cfgx.runs import pick_device
+    from cfgx.store.rundir import pick_device
 
     cfg, run_dir = sweep_config(args + (extra or []))
     device = pick_device(str(cfg.device))
@@ -501,7 +501,7 @@ def _load_run(args: list[str], extra: list[str] | None = None):
 
 def cmd_train_classifier(args: list[str]) -> int:
     from cfgx.backbones.noisy_classifier import get_guidance_classifier
-    from cfgx.sweep import guidance_classifier_options
+    from cfgx.sweep.loop import guidance_classifier_options
 
     cfg, run_dir, device, data, schedule = _load_run(args)
     console = _console()

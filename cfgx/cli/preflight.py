@@ -51,8 +51,8 @@ def _postprocessor_ready(run_dir: Path | None) -> bool:
 
 def training_note(run_dir: Path, step: int) -> str | None:
     """One line when a sweep evaluates a run whose training is unfinished or still running; else None."""
-    from cfgx.locks import holder
-    from cfgx.runs import load_run_config, read_meta
+    from cfgx.store.locks import holder
+    from cfgx.store.rundir import load_run_config, read_meta
 
     total = load_run_config(run_dir).get("train", {}).get("steps")
     who = holder(Path(run_dir) / ".train.lock")

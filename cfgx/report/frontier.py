@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cfgx.plotting import curve_figure
-from cfgx.report import latest_checkpoint_rows
-from cfgx.runs import atomic_write_text
+from cfgx.report.plotting import curve_figure
+from cfgx.report.tables import latest_checkpoint_rows
+from cfgx.store.rundir import atomic_write_text
 
 MATCH_ACCURACY = 0.99
 

@@ -27,10 +27,10 @@ from cfgx.diffusion.guidance import GuidanceSpec, cfgpp_lambda
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.locks import acquire, locked, release_all
+from cfgx.store.locks import acquire, locked, release_all
 from cfgx.metrics.suite import EvalSuite
-from cfgx.report import console_table, plot_run, write_tables
-from cfgx.runs import (
+from cfgx.report.tables import console_table, plot_run, write_tables
+from cfgx.store.rundir import (
     atomic_save_image,
     atomic_savefig,
     atomic_torch_save,
@@ -39,7 +39,7 @@ from cfgx.runs import (
     scale_tag,
     versions,
 )
-from cfgx.safeload import UnreadableFileError, safe_load
+from cfgx.store.safeload import UnreadableFileError, safe_load
 from cfgx.sample import balanced_labels, generate
 
 SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
@@ -156,8 +156,8 @@ def load_guide(guide: str, cfg: DictConfig, run_dir: Path, data: DatasetBundle, 
                device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Autoguidance's guide: ``step:N`` (EMA snapshot N of this run) or ``run:PATH`` (another run
     of the same dataset and noise schedule). Returns the model and the row fields naming it."""
-    from cfgx.runs import load_run_config, read_meta, resolve_run
-    from cfgx.snapshots import load_snapshot_model
+    from cfgx.store.rundir import load_run_config, read_meta, resolve_run
+    from cfgx.store.checkpoints import load_snapshot_model
     from cfgx.train import load_ema_model
 
     kind, _, arg = guide.partition(":")

@@ -44,7 +44,7 @@ from cfgx.diffusion.samplers import Sampler, build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats
-from cfgx.runs import atomic_savefig, atomic_write_json
+from cfgx.store.rundir import atomic_savefig, atomic_write_json
 from cfgx.sample import make_eps_fn
 
 DATASETS = ("gmm1d", "gmm2d")

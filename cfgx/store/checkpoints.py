@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from cfgx.errors import CfgxError
-from cfgx.runs import CKPT_NAME, atomic_torch_save
+from cfgx.store.rundir import CKPT_NAME, atomic_torch_save
 
 SNAPSHOT_DIR = "snapshots"
 _NAME = re.compile(r"ema_(\d+)\.pt")

@@ -1,0 +1,1 @@
+"""Turning rows into what a reader sees: tables, figures, frontier views."""
