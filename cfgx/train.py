@@ -28,8 +28,8 @@ from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.store.rundir import CKPT_NAME, AppendLog, atomic_torch_save
 from cfgx.store.checkpoints import save_snapshot
+from cfgx.store.rundir import CKPT_NAME, AppendLog, atomic_torch_save
 
 
 @dataclass

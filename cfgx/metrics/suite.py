@@ -25,7 +25,6 @@ from cfgx import distributed
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
-from cfgx.store.locks import locked
 from cfgx.metrics.classifier import boundary_stats, classifier_metrics
 from cfgx.metrics.diversity import (
     density_coverage,
@@ -34,6 +33,7 @@ from cfgx.metrics.diversity import (
     within_class_pairwise_distance,
 )
 from cfgx.metrics.standard import fid_from_features, inception_score_from_logits, kid_from_features
+from cfgx.store.locks import locked
 
 INCEPTION_DIM = 2048
 NO_INCEPTION = ("digits", "gmm1d", "gmm2d")

@@ -27,9 +27,10 @@ from cfgx.diffusion.guidance import GuidanceSpec, cfgpp_lambda
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.store.locks import acquire, locked, release_all
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report.tables import console_table, plot_run, write_tables
+from cfgx.sample import balanced_labels, generate
+from cfgx.store.locks import acquire, locked, release_all
 from cfgx.store.rundir import (
     atomic_save_image,
     atomic_savefig,
@@ -40,7 +41,6 @@ from cfgx.store.rundir import (
     versions,
 )
 from cfgx.store.safeload import UnreadableFileError, safe_load
-from cfgx.sample import balanced_labels, generate
 
 SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
 
@@ -156,8 +156,8 @@ def load_guide(guide: str, cfg: DictConfig, run_dir: Path, data: DatasetBundle, 
                device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Autoguidance's guide: ``step:N`` (EMA snapshot N of this run) or ``run:PATH`` (another run
     of the same dataset and noise schedule). Returns the model and the row fields naming it."""
-    from cfgx.store.rundir import load_run_config, read_meta, resolve_run
     from cfgx.store.checkpoints import load_snapshot_model
+    from cfgx.store.rundir import load_run_config, read_meta, resolve_run
     from cfgx.train import load_ema_model
 
     kind, _, arg = guide.partition(":")

@@ -44,8 +44,8 @@ from cfgx.diffusion.samplers import Sampler, build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats
-from cfgx.store.rundir import atomic_savefig, atomic_write_json
 from cfgx.sample import make_eps_fn
+from cfgx.store.rundir import atomic_savefig, atomic_write_json
 
 DATASETS = ("gmm1d", "gmm2d")
 MUS_1D = (1.0, 0.5, 0.1)
