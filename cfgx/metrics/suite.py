@@ -220,7 +220,7 @@ def _shared_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_r
     broadcast, so no rank trains its own copy (which on a GPU need not come out
     bit-identical) and nodes need no shared cache folder.
     """
-    from cfgx.metrics.eval_classifier import EvalCNN, get_eval_classifier
+    from cfgx.metrics.eval_classifier import build_eval_classifier, get_eval_classifier
 
     if not distributed.active():
         return get_eval_classifier(data, dcfg, ccfg, cache_root, device, console)
@@ -231,7 +231,7 @@ def _shared_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_r
     state, info = distributed.broadcast_object(payload)
     if distributed.is_main():
         return clf, info
-    model = EvalCNN(data.shape[0], data.shape[-1], data.num_classes, int(ccfg["width"]))
+    model = build_eval_classifier(data, ccfg)  # the architecture eval.classifier.arch names, as on rank 0
     model.load_state_dict(state)
     return model.to(device).eval(), info
 
