@@ -1,5 +1,5 @@
 import sys
 
-from cfgx.cli.commands import main
+from cfgx.cli.entry import main
 
 sys.exit(main())

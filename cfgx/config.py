@@ -7,6 +7,7 @@ so a typo or an out-of-range value fails before any work starts, as one line.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -21,6 +22,8 @@ from cfgx.errors import CfgxError
 GROUPS = ("dataset", "backbone", "cond_drop", "guidance", "sampler", "train", "eval", "postprocess")
 # Parts of a run's config that define the trained model; a sweep may not change them.
 TRAINING_KEYS = ("dataset", "backbone", "cond_drop", "diffusion", "train", "seed")
+# Parts a sweep may set on top of a run's saved config (how it is evaluated, not what was trained).
+EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess", "dist", "launcher")
 # How a run executes, not what it learns: toggling these resumes the same run (snapshots are
 # copies of the EMA weights and change nothing either).
 EXECUTION_KEYS = ("compile", "channels_last", "snapshot_every")
@@ -138,6 +141,48 @@ def one_line_hydra_error(e: Exception) -> str:
         return (f"unknown config key {m.group(1)!r} ({msg.split('.')[0]}); check the spelling "
                 "with 'cfgx train --cfg job' or add it with +key=value")
     return f"bad override: {msg}"
+
+
+def override_key(o: str) -> str:
+    """The config path an override sets: '+eval.seed=3' -> 'eval.seed'."""
+    return o.lstrip("+~").split("=", 1)[0]
+
+
+def touches(overrides: list[str], key: str) -> bool:
+    """Whether any override sets ``key`` or something under it."""
+    return any(override_key(o).split(".")[0] == key for o in overrides)
+
+
+def selects(overrides: list[str], group: str) -> bool:
+    """Whether any override picks an option of ``group`` (``group=name``, not ``group.key=value``)."""
+    return any(override_key(o) == group for o in overrides)
+
+
+def check_eval_overrides(overrides: list[str]) -> None:
+    """Overrides for evaluating an existing run may not change what it trained; raises CfgxError."""
+    for o in overrides:
+        if override_key(o).split(".")[0] in TRAINING_KEYS:
+            raise CfgxError(f"'{o}' changes training, but sweep evaluates an existing run; train a new run "
+                            f"with 'cfgx train {o}' instead")
+
+
+def merge_eval_overrides(saved: DictConfig, overrides: list[str], fresh: DictConfig | None = None) -> DictConfig:
+    """A run's saved config with evaluation overrides on top (a copy; ``saved`` is left as it is).
+
+    ``fresh`` is ``compose(overrides)`` (composed here when not given). An evaluation block the run's
+    config lacks, or whose group the overrides pick (``sampler=ddim``), comes whole from ``fresh``;
+    dotted overrides (``eval.num_samples=64``) then land on top of the run's own settings.
+    """
+    fresh = compose(overrides) if fresh is None else fresh
+    merged = copy.deepcopy(saved)
+    for key in EVAL_KEYS:
+        if key not in merged or selects(overrides, key):
+            merged[key] = fresh[key]  # a new group choice replaces the run's whole block
+    for o in overrides:
+        path = override_key(o)
+        if "." in path and path.split(".")[0] in EVAL_KEYS:
+            OmegaConf.update(merged, path, OmegaConf.select(fresh, path), merge=False, force_add=True)
+    return merged
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -52,10 +52,15 @@ def _adopt_submitit_env() -> None:
         return
 
 
+def launched_world() -> int:
+    """WORLD_SIZE when torchrun (or submitit) started this process, else 1; whether or not a group is up."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return _env_int("WORLD_SIZE", 1)
+    return launched_world()
 
 
 def rank() -> int:

@@ -52,7 +52,7 @@ def workdir(tmp_path, monkeypatch, cache_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache_dir) -> Path:
     """One tiny digits run trained through the real `cfgx train` path."""
-    from cfgx.cli.commands import train_task
+    from cfgx.cli.train import train_task
     from cfgx.config import compose
 
     root = tmp_path_factory.mktemp("runs")

@@ -23,7 +23,8 @@ def context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "cfgx.cli", "cfgx.train", "cfgx.sweep.loop", "cfgx.postprocess"])
+        _CTX.set_forkserver_preload(["torch", "cfgx.cli", "cfgx.cli.train", "cfgx.cli.sweep", "cfgx.train",
+                                     "cfgx.sweep.loop", "cfgx.postprocess"])
     return _CTX
 
 
@@ -78,7 +79,7 @@ def _child(argv: list[str], cwd: str, cache: str, full_after: int | None = None)
     import torch
 
     torch.set_num_threads(1)  # every run of a comparison uses the same reduction order
-    from cfgx.cli.commands import main
+    from cfgx.cli import main
 
     try:
         code = main(argv)

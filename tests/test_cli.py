@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, TINY
 from omegaconf import OmegaConf
 
-from cfgx.cli.commands import main, sweep_config
+from cfgx.cli import main
+from cfgx.cli.sweep import sweep_config
 
 
 def run_cli(args, cwd, env_extra=None, timeout=300):

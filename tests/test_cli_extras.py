@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import private_copy, table_rows
 
-from cfgx.cli.commands import main
+from cfgx.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_toy_command_writes_figures(workdir, capsys):
 def test_postprocess_pairs_in_classifier_feature_space(tiny_run, tmp_path, workdir, capsys):
     import torch
 
-    from cfgx.cli.commands import sweep_config
+    from cfgx.cli.sweep import sweep_config
     from cfgx.data import build_dataset, stack_dataset
     from cfgx.metrics.suite import EvalSuite
     from cfgx.postprocess.flow import _dequantize, knn_indices

@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import REPO, TINY
 
-from cfgx.cli.commands import main
+from cfgx.cli import main
 from cfgx.sweep.loop import load_rows
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")

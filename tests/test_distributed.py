@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, TINY
 
 from cfgx import distributed
-from cfgx.cli.commands import main
+from cfgx.cli import main
 from cfgx.errors import CfgxError
 from cfgx.sweep.loop import load_rows
 

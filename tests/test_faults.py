@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from cfgx.cli.commands import main
+from cfgx.cli import main
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -80,7 +80,7 @@ def test_labels_are_kept_apart_and_log_view_when_one_point_dominates():
 
 @pytest.mark.parametrize("bad", ["report.match_accuracy=1.5", "report.match_accuracy=x"])
 def test_bad_match_accuracy_is_one_line(bad, tmp_path, capsys):
-    from cfgx.cli.commands import main
+    from cfgx.cli import main
 
     assert main(["report", bad, str(tmp_path)]) == 2
     assert "fraction" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY
 
 from cfgx.backbones.unet import UNet
-from cfgx.cli.commands import train_task
+from cfgx.cli.train import train_task
 from cfgx.config import compose
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule

@@ -11,7 +11,7 @@ import torch
 from conftest import private_copy, table_rows
 from omegaconf import OmegaConf
 
-from cfgx.cli.commands import main
+from cfgx.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def test_loss_decreases_on_digits(tmp_path):
 
 
 def test_rerunning_an_interrupted_command_resumes_the_same_run_dir(tmp_path, cache_dir):
-    from cfgx.cli.commands import train_task
+    from cfgx.cli.train import train_task
 
     overrides = SMALL + ["eval.num_samples=20", "eval.batch_size=20", "sampler.steps=2", "guidance=1",
                          "eval.classifier.steps=150", "eval.classifier.width=8", f"paths.runs={tmp_path}"]

@@ -1,5 +1,5 @@
 """The ``cfgx`` command line, one module per command group."""
 
-from cfgx.cli.commands import main
+from cfgx.cli.entry import main
 
 __all__ = ["main"]

@@ -10,6 +10,7 @@ sweep after training loads it again at little cost.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from omegaconf import DictConfig
 from cfgx.console import say
 from cfgx.data import DatasetBundle
 from cfgx.errors import CfgxError
+from cfgx.store.locks import holder
+from cfgx.store.rundir import load_run_config, read_meta
 
 
 def check_before_training(cfg: DictConfig, data: DatasetBundle, device: torch.device, run_dir: Path | None,
@@ -27,6 +30,7 @@ def check_before_training(cfg: DictConfig, data: DatasetBundle, device: torch.de
     if post != "none" and not _postprocessor_ready(run_dir):
         raise CfgxError(f"postprocess={post} needs a trained run: train without it, then run 'cfgx postprocess "
                         f"run=<run>' and 'cfgx sweep postprocess={post} run=<run>'")
+    # why: cfgx.metrics.suite loads the metrics stack (~3 s); cfgx sweep imports this module too
     from cfgx.metrics.suite import EvalSuite
 
     suite = EvalSuite(cfg, data, device, console)
@@ -39,8 +43,6 @@ def check_before_training(cfg: DictConfig, data: DatasetBundle, device: torch.de
 
 
 def _postprocessor_ready(run_dir: Path | None) -> bool:
-    import json
-
     if run_dir is None:
         return False
     try:
@@ -51,9 +53,6 @@ def _postprocessor_ready(run_dir: Path | None) -> bool:
 
 def training_note(run_dir: Path, step: int) -> str | None:
     """One line when a sweep evaluates a run whose training is unfinished or still running; else None."""
-    from cfgx.store.locks import holder
-    from cfgx.store.rundir import load_run_config, read_meta
-
     total = load_run_config(run_dir).get("train", {}).get("steps")
     who = holder(Path(run_dir) / ".train.lock")
     if who is not None:

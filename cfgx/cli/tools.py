@@ -1,0 +1,122 @@
+"""The side commands: ``cfgx prepare``, ``cfgx toy``, ``cfgx train-classifier`` and ``cfgx postprocess``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from cfgx.backbones.noisy_classifier import get_guidance_classifier
+from cfgx.cli.common import console as make_console
+from cfgx.cli.sweep import sweep_config
+from cfgx.config import compose, normalize_overrides, selects, touches
+from cfgx.data import build_dataset
+from cfgx.diffusion.samplers import build_sampler
+from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
+from cfgx.metrics.inception import INCEPTION_WEIGHTS_URL, default_weights_path
+from cfgx.postprocess import train_postprocessor
+from cfgx.store.rundir import atomic_write_json, atomic_write_text, new_run_dir, pick_device, provenance
+from cfgx.toy.analysis import run_toy
+from cfgx.train import load_ema_model
+
+# ---------------------------------------------------------------- prepare
+
+
+def cmd_prepare(args: list[str]) -> int:
+    """Fetch a dataset and the Inception weights while a network is available."""
+    cfg = compose(normalize_overrides(args) + ["dataset.download=true"])
+    console = make_console()
+    data = build_dataset(cfg.dataset)
+    console.print(f"dataset {data.name}: {len(data.train)} training images ready")
+    weights = Path(str(cfg.eval.inception_weights)) if cfg.eval.get("inception_weights") else default_weights_path()
+    if weights.is_file():
+        console.print(f"Inception weights present: {weights}")
+    else:
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(weights), progress=True)
+        except Exception as e:
+            raise CfgxError(f"could not download the Inception weights ({type(e).__name__}); fetch "
+                            f"{INCEPTION_WEIGHTS_URL} on a machine with internet and put it at {weights}") from None
+        console.print(f"Inception weights saved to {weights}")
+    return 0
+
+
+# ---------------------------------------------------------------- toy
+
+
+def cmd_toy(args: list[str]) -> int:
+    """Zhao & Schwing's 1D/2D analysis on analytic mixtures, into a new folder under runs/."""
+    overrides = normalize_overrides(args)
+    if not touches(overrides, "dataset"):
+        overrides = ["dataset=gmm1d", *overrides]
+    cfg = compose(overrides)
+    if cfg.dataset.name not in ("gmm1d", "gmm2d"):
+        raise CfgxError(f"cfgx toy runs on the analytic mixtures; dataset={cfg.dataset.name} is not one: use "
+                        "dataset=gmm1d or dataset=gmm2d")
+    scales = [float(s) for s in cfg.guidance.scales] if touches(overrides, "guidance") else [1.0, 2.0, 4.0, 8.0]
+    steps = int(cfg.sampler.steps) if touches(overrides, "sampler") else 100
+    out = new_run_dir(Path(str(cfg.paths.runs)), cfg.dataset.name, "toy")
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(out / "toy_meta.json", {"scales": scales, "sampler": cfg.sampler.name, "steps": steps,
+                                              "seed": int(cfg.seed), **provenance(torch.device("cpu"))})
+    console = make_console()
+    t0 = time.perf_counter()
+    run_toy(cfg.dataset.name, out, scales=scales, sampler=str(cfg.sampler.name), steps=steps, seed=int(cfg.seed),
+            console=console)
+    console.print(f"toy analysis written to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+# ---------------------------------------------------------------- guidance classifier, postprocessor
+
+
+def _load_run(args: list[str], extra: list[str] | None = None):
+    cfg, run_dir = sweep_config(args + (extra or []))
+    device = pick_device(str(cfg.device))
+    data = build_dataset(cfg.dataset)
+    return cfg, run_dir, device, data, NoiseSchedule.from_config(cfg.diffusion)
+
+
+def cmd_train_classifier(args: list[str]) -> int:
+    # why: cfgx.sweep.loop loads the metrics stack (~3 s), which prepare and toy do not need
+    from cfgx.sweep.loop import guidance_classifier_options
+
+    cfg, run_dir, device, data, schedule = _load_run(args)
+    console = make_console()
+    _, info = get_guidance_classifier(run_dir, data, schedule, device, guidance_classifier_options(cfg), console)
+    console.print(f"guidance classifier for {run_dir}: noisy held-out accuracy by t "
+                  f"{json.dumps(info.get('val_accuracy'))} ({'cached' if info.get('cached') else 'trained'})")
+    return 0
+
+
+def cmd_postprocess(args: list[str]) -> int:
+    extra = [] if selects(normalize_overrides(args), "postprocess") else ["postprocess=flow"]
+    cfg, run_dir, device, data, schedule = _load_run(args, extra)
+    if cfg.postprocess.name == "none":
+        raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")
+    console = make_console()
+    model, step = load_ema_model(run_dir, cfg, data, schedule, device)
+    sampler = build_sampler(cfg.sampler.name, schedule, int(cfg.sampler.steps), float(cfg.sampler.eta),
+                            clip_x0=data.clip)
+    post = OmegaConf.to_container(cfg.postprocess, resolve=True)
+    feature_fn = None
+    if post.get("nn_space") in ("classifier", "inception"):
+        # why: cfgx.metrics.suite loads the metrics stack (~3 s), needed only for these feature spaces
+        from cfgx.metrics.suite import EvalSuite
+
+        suite = EvalSuite(cfg, data, device, console)
+        space = post["nn_space"]
+        if space == "inception" and suite.inception is None:
+            raise CfgxError("postprocess.nn_space=inception needs Inception features; add "
+                            "eval.features=[classifier,inception]")
+        feature_fn = lambda x: suite.features_in(space, x)  # noqa: E731
+    info = train_postprocessor(post, run_dir, data, model, schedule, sampler, device, console, feature_fn)
+    console.print(f"postprocessor for {run_dir} (checkpoint step {step}) ready: "
+                  f"{info.get('train_seconds', 0):.0f}s training; evaluate with "
+                  f"'cfgx sweep postprocess=flow run={run_dir}'")
+    return 0
