@@ -232,7 +232,7 @@ def validate(cfg: DictConfig) -> None:
     for s in scales:
         _require(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(float(s)),
                  f"guidance scale {s!r} is not a finite number; e.g. guidance=0,1,3,7")
-    guidance_specs(cfg)  # every rule's options, one line per problem
+    guidance_rules(cfg)  # every rule's options, one line per problem
     _require(cfg.diffusion.schedule in ("linear", "cosine"),
              f"diffusion.schedule={cfg.diffusion.schedule!r}; valid: linear, cosine")
     from cfgx.diffusion.samplers import SAMPLERS
@@ -258,87 +258,45 @@ def _methods(cfg: DictConfig) -> list[str]:
     return [str(v).strip() for v in (m or [])]
 
 
-def _method_options(cfg: DictConfig, method: str) -> dict[str, Any]:
-    """guidance.<method>.* with the default config's values under a run's saved ones (older runs)."""
-    from cfgx.diffusion.guidance import METHODS
-
-    if method not in METHODS or method in ("cfg", "cfgzero", "classifier"):
-        return {}
-    defaults = OmegaConf.load(config_dir() / "guidance" / "default.yaml").get(method) or {}
-    saved = OmegaConf.select(cfg, f"guidance.{method}")
+def rule_block(cfg: DictConfig | None, name: str) -> dict[str, Any]:
+    """guidance.<name>: the run's block over configs/guidance/default.yaml's (runs older than a key lack it)."""
+    defaults = OmegaConf.load(config_dir() / "guidance" / "default.yaml").get(name) or OmegaConf.create({})
+    saved = None if cfg is None else OmegaConf.select(cfg, f"guidance.{name}")
     merged = OmegaConf.merge(defaults, saved) if saved is not None else defaults
     return OmegaConf.to_container(merged, resolve=True) or {}  # type: ignore[return-value]
 
 
-def guidance_specs(cfg: DictConfig) -> list:
-    """The rules ``guidance.method`` asks for, each with its options checked; raises CfgxError.
+def default_rule(entry: str, check: bool = True):
+    """``name`` or ``name@schedule`` with the options of configs/guidance/default.yaml (Python API, toy)."""
+    # torch-heavy (the rules' maths): imported here so that 'cfgx --help' stays fast.
+    from cfgx.diffusion.guidance import get_rule
+
+    name, _, sched = entry.partition("@")
+    return get_rule(name)(rule_block(None, name), sched or "constant", check=check)
+
+
+def guidance_rules(cfg: DictConfig) -> list:
+    """The rules ``guidance.method`` asks for, each built from its block and checked; raises CfgxError.
 
     ``guidance.method`` is one name or a list; ``name@schedule`` gives one entry a weight schedule,
-    else ``guidance.schedule`` applies to the entries that take one.
+    else ``guidance.schedule`` applies to the entries that take one. Which rules exist, their options
+    and checks belong to cfgx/diffusion/guidance/; this only reads the config.
     """
-    from cfgx.diffusion.guidance import METHODS, SCHEDULABLE, SCHEDULES, GuidanceSpec
+    # torch-heavy (the rules' maths): imported here so that 'cfgx --help' stays fast.
+    from cfgx.diffusion.guidance import get_rule, rule_names
 
     methods = _methods(cfg)
-    _require(bool(methods), f"guidance.method is empty; valid: {', '.join(METHODS)}")
+    _require(bool(methods), f"guidance.method is empty; valid: {', '.join(rule_names())}")
     default_sched = str(OmegaConf.select(cfg, "guidance.schedule", default="constant") or "constant")
-    specs = []
+    rules = []
     for entry in methods:
         name, _, sched = entry.partition("@")
-        _require(name in METHODS, f"unknown guidance.method {name!r}; valid: {', '.join(METHODS)} "
-                                  "(a list compares several: guidance.method=[cfg,interval,apg])")
-        sched = sched or (default_sched if name in SCHEDULABLE else "constant")
-        _require(sched in SCHEDULES, f"unknown guidance schedule {sched!r}; valid: {', '.join(SCHEDULES)}")
-        _require(sched == "constant" or name in SCHEDULABLE,
-                 f"guidance.method={name} takes no weight schedule (got {sched}); schedules apply to "
-                 f"{', '.join(SCHEDULABLE)}")
-        opts = _method_options(cfg, name)
-        _check_method(cfg, name, opts)
-        specs.append(GuidanceSpec(name, sched, opts))
-    return specs
-
-
-def _check_method(cfg: DictConfig, name: str, o: dict[str, Any]) -> None:
-    def number(key: str, v: Any) -> float:
-        _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)),
-                 f"guidance.{name}.{key}={v!r} is not a finite number")
-        return float(v)
-
-    if name == "interval":
-        sig = o.get("sigma")
-        _require(isinstance(sig, (list, tuple)) and len(sig) == 2,
-                 f"guidance.interval.sigma={sig!r} must be [lo, hi]; e.g. guidance.interval.sigma=[0.28,5.42]")
-        lo = number("sigma lo", sig[0])
-        if sig[1] is not None:
-            hi = number("sigma hi", sig[1])
-            _require(lo < hi, f"guidance.interval.sigma=[{lo:g}, {hi:g}] is empty: lo must be below hi; "
-                              "e.g. guidance.interval.sigma=[0.28,5.42]")
-        _require(lo >= 0, f"guidance.interval.sigma lo={lo:g} must be >= 0 (a noise level)")
-    elif name == "rescale":
-        phi = number("phi", o.get("phi"))
-        _require(0 <= phi <= 1, f"guidance.rescale.phi={phi:g} is outside [0, 1]; the paper uses 0.7 "
-                                "(0 = plain CFG)")
-        _require(o.get("space") in ("x0", "eps"), f"guidance.rescale.space={o.get('space')!r}; valid: x0, eps")
-    elif name == "apg":
-        number("eta", o.get("eta"))
-        beta = number("momentum", o.get("momentum"))
-        _require(-1 < beta < 1, f"guidance.apg.momentum={beta:g} must be in (-1, 1); the paper uses -0.5")
-        r = o.get("norm_threshold")
-        _require(r is None or number("norm_threshold", r) > 0,
-                 f"guidance.apg.norm_threshold={r!r} must be > 0, or null for no cap")
-    elif name == "cfgpp":
-        _require(str(cfg.sampler.name) == "ddim", f"CFG++ is defined for DDIM only, not sampler={cfg.sampler.name}; "
-                                                 "use sampler=ddim")
-        top = number("s_at_lambda1", o.get("s_at_lambda1"))
-        _require(top > 0, "guidance.cfgpp.s_at_lambda1 must be > 0; e.g. 12.5")
-        for s in cfg.guidance.scales:
-            _require(0 <= float(s) <= top, f"CFG++ needs lambda = s / {top:g} in [0, 1]; s={float(s):g} is outside "
-                                           f"[0, {top:g}] (raise guidance.cfgpp.s_at_lambda1 or drop that scale)")
-    elif name == "autoguidance":
-        g = o.get("guide")
-        _require(isinstance(g, str) and (g.startswith("run:") and len(g) > 4 or
-                                         re.fullmatch(r"step:\d+", g) is not None),
-                 f"guidance.autoguidance.guide={g!r}; give step:N (an EMA snapshot of this run, see "
-                 "train.snapshot_every) or run:PATH (another run of the same dataset)")
+        cls = get_rule(name)
+        rule = cls(rule_block(cfg, name), sched or (default_sched if cls.schedulable else "constant"))
+        rule.check_sampler(str(cfg.sampler.name))
+        rule.check_scales([float(s) for s in cfg.guidance.scales])
+        rules.append(rule)
+    return rules
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import hashlib
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -171,6 +171,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` decided on rank 0 (the only process without torchrun): its result, or its CfgxError,
+    on every rank. The other ranks raise the same error silently; rank 0 alone reports it."""
+    out: Any = None
+    if is_main():
+        try:
+            out = fn()
+        except CfgxError as e:
+            out = e
+    out = broadcast_object(out)
+    if isinstance(out, CfgxError):
+        err = agreed_error(str(out)) if active() and not is_main() else out
+        err.agreed = True  # type: ignore[attr-defined]  # every rank raises it: nobody waits to be told
+        raise err
+    return out
 
 
 def gather_objects(obj: Any) -> list[Any] | None:

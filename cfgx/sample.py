@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cfgx.diffusion.guidance import GuidanceSpec, GuidedEps, cfg_eps, cg_eps
+from cfgx.diffusion.guidance import GuidanceRule, GuidedEps, Models, make_rule
 from cfgx.diffusion.samplers import Sampler
 
 
@@ -35,13 +35,6 @@ def batch_generator(seed: int, batch_index: int, device: torch.device) -> torch.
     return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(batch_index))
 
 
-def nfe_per_step(scale: float, method: str = "cfg") -> int:
-    """Network evaluations per sampling step: CFG at s not in {0, 1} costs a batch of 2B."""
-    if method == "classifier":
-        return 1 if scale == 0 else 2  # denoiser + classifier forward/backward
-    return 1 if scale in (0.0, 1.0) else 2
-
-
 class CountingModel(torch.nn.Module):
     """Passes calls through to a denoiser and counts the rows it evaluates.
 
@@ -58,45 +51,29 @@ class CountingModel(torch.nn.Module):
         return self.inner(x, t, y)
 
 
-def make_eps_fn(model: torch.nn.Module, y: torch.Tensor, scale: float, method: str | GuidanceSpec = "cfg",
-                classifier: torch.nn.Module | None = None, schedule=None, timesteps: list[int] | None = None,
-                guide: torch.nn.Module | None = None):
-    """eps_fn(x_t, t) for one batch: plain CFG/CG as closures, every other rule as a ``GuidedEps``."""
-    spec = method if isinstance(method, GuidanceSpec) else GuidanceSpec(method)
-    if spec.method not in ("cfg", "classifier") or spec.schedule != "constant":
-        if schedule is None or timesteps is None:
-            raise ValueError(f"guidance {spec.label} needs the noise schedule and the sampler's timesteps")
-        return GuidedEps(spec, model, y, scale, schedule, timesteps, classifier, guide)
-    method = spec.method
-    if method == "cfg":
-        return lambda x, t: cfg_eps(model, x, t, y, scale)
-    if classifier is None or schedule is None:
-        raise ValueError("classifier guidance needs a classifier and the noise schedule")
-    return lambda x, t: cg_eps(model, classifier, schedule.sigma(t), x, t, y, scale)
-
-
 @torch.no_grad()
 def generate(model: torch.nn.Module, sampler: Sampler, shape: tuple[int, ...], labels: torch.Tensor,
-             scale: float, seed: int, batch_size: int, device: torch.device, method: str | GuidanceSpec = "cfg",
+             scale: float, seed: int, batch_size: int, device: torch.device, rule: GuidanceRule | str = "cfg",
              classifier: torch.nn.Module | None = None, autocast_bf16: bool = False,
              guide: torch.nn.Module | None = None, first_batch: int = 0) -> SampleBatch:
     """Draw ``len(labels)`` samples at guidance ``scale`` with paired per-batch seeds.
 
-    ``labels`` may be a slice that starts at batch ``first_batch`` of the full set: its
-    noise is that batch's, whoever draws it (how sweeps shard batches over processes).
-    ``nfe`` is counted, not assumed: denoiser (and autoguidance guide) rows evaluated per sample,
-    plus one classifier evaluation per step for classifier guidance at s != 0.
+    ``rule`` is a guidance rule (``make_rule``), or the name of one without options. ``labels`` may
+    be a slice that starts at batch ``first_batch`` of the full set: its noise is that batch's,
+    whoever draws it (how sweeps shard batches over processes). ``nfe`` is counted, not assumed:
+    denoiser (and autoguidance guide) rows evaluated per sample, plus what the rule evaluates
+    besides (classifier guidance: one classifier forward/backward per step at s != 0).
     """
-    spec = method if isinstance(method, GuidanceSpec) else GuidanceSpec(method)
+    rule = make_rule(rule) if isinstance(rule, str) else rule
     counted = CountingModel(model)
     counted_guide = CountingModel(guide) if guide is not None else None
+    models = Models(counted, classifier, counted_guide)
     xs = []
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, len(labels), batch_size)):
         y = labels[start:start + batch_size].to(device)
         g = batch_generator(seed, first_batch + b, device)
-        eps_fn = make_eps_fn(counted, y, scale, spec, classifier, sampler.schedule, sampler.timesteps,
-                             counted_guide)
+        eps_fn = GuidedEps(rule, models, y, scale, sampler)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             x = sampler.sample(eps_fn, (len(y), *shape), g, device)
         xs.append(x.float().cpu())
@@ -104,7 +81,5 @@ def generate(model: torch.nn.Module, sampler: Sampler, shape: tuple[int, ...], l
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     rows = counted.rows + (counted_guide.rows if counted_guide is not None else 0)
-    nfe = rows / max(len(labels), 1)
-    if spec.method == "classifier" and scale != 0:
-        nfe += len(sampler.timesteps)  # the classifier's forward/backward, one per step
+    nfe = rows / max(len(labels), 1) + rule.extra_nfe(scale, len(sampler.timesteps))
     return SampleBatch(torch.cat(xs), labels.cpu(), seconds, nfe=int(nfe) if nfe == int(nfe) else round(nfe, 3))

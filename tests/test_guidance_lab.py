@@ -15,18 +15,24 @@ import torch
 from cfgx.backbones.exact import ExactDenoiser
 from cfgx.data.gmm import gmm1d, gmm2d
 from cfgx.diffusion.guidance import (
-    APG,
-    GuidanceSpec,
+    apg_eps,
     cfg_zero_star_eps,
     edm_sigma,
+    get_rule,
     rescale_eps,
     scheduled_scale,
 )
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
 from cfgx.sample import generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def GuidanceSpec(name: str, schedule: str = "constant", options: dict | None = None):  # noqa: N802
+    # These tests hand autoguidance its guide model themselves: its load option is not checked.
+    return get_rule(name)(options or {}, schedule, check="guide" not in (options or {}))
 
 SCHEDULE = NoiseSchedule("linear", 1000)
 CPU = torch.device("cpu")
@@ -43,7 +49,7 @@ def _draw(name: str, spec: GuidanceSpec | str, scale: float, sampler: str = "ddi
     model = ExactDenoiser(mix, SCHEDULE)
     smp = build_sampler(sampler, SCHEDULE, steps, eta=0.0, clip_x0=None)
     labels = torch.arange(N) % mix.num_classes
-    return generate(model, smp, (mix.dim,), labels, scale, seed=3, batch_size=32, device=CPU, method=spec,
+    return generate(model, smp, (mix.dim,), labels, scale, seed=3, batch_size=32, device=CPU, rule=spec,
                     guide=guide)
 
 
@@ -99,7 +105,10 @@ def test_apg_matches_the_papers_algorithm_step_by_step():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
     abar, s, eta, r, beta = 0.3, 4.0, 0.2, 2.0, -0.5
-    apg = APG(eta=eta, norm_threshold=r, momentum=beta)
+    from cfgx.diffusion.guidance.apg import APGState
+
+    state = APGState()
+    apg = lambda ec, eu, x, abar, s: apg_eps(ec, eu, x, abar, s, eta, r, beta, state)  # noqa: E731
     running = 0.0
     for _ in range(3):
         ec, eu = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
@@ -134,7 +143,7 @@ def test_cfgpp_lambda0_is_unconditional_ddim_and_ddpm_is_refused(toy):
     assert zero.nfe == base.nfe == 20
     guided = _draw(toy, GuidanceSpec("cfgpp", options={"s_at_lambda1": 12.5}), 6.0)
     assert guided.nfe == 40 and (guided.x - base.x).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="DDIM only"):
+    with pytest.raises(CfgxError, match="defined for ddim only"):
         _draw(toy, GuidanceSpec("cfgpp", options={"s_at_lambda1": 12.5}), 6.0, sampler="ddpm")
 
 
@@ -189,7 +198,7 @@ def test_paired_seeds_hold_for_every_rule():
     outs = []
     for spec in specs:
         smp = build_sampler("ddim", SCHEDULE, 10, eta=1.0, clip_x0=None)
-        outs.append(generate(model, smp, (2,), labels, 1.0, seed=9, batch_size=32, device=CPU, method=spec,
+        outs.append(generate(model, smp, (2,), labels, 1.0, seed=9, batch_size=32, device=CPU, rule=spec,
                              guide=model).x)
     for o in outs[1:]:
         _close(o, outs[0])

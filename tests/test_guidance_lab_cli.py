@@ -90,11 +90,11 @@ BAD = [
     (["guidance.method=interval", "guidance.interval.sigma=[1,1]"], "lo must be below hi"),
     (["guidance.method=rescale", "guidance.rescale.phi=1.5"], "outside [0, 1]"),
     (["guidance.method=rescale", "guidance.rescale.phi=-0.1"], "outside [0, 1]"),
-    (["guidance.method=cfgpp", "sampler=ddpm"], "DDIM only"),
+    (["guidance.method=cfgpp", "sampler=ddpm"], "defined for ddim only"),
     (["guidance.method=autoguidance", "guidance.autoguidance.guide=step:7"], "no snapshot at step 7"),
     (["guidance.method=autoguidance"], "give step:N"),
     (["guidance.method=cfgpp", "sampler=ddim", "guidance=20"], "lambda"),
-    (["guidance.method=cfgpp"], "DDIM only"),  # the digits recipe samples with DPM-Solver++
+    (["guidance.method=cfgpp"], "defined for ddim only"),  # the digits recipe samples with DPM-Solver++
     (["guidance.method=classifier@linear"], "takes no weight schedule"),
     (["checkpoint=7"], "no snapshot at step 7"),
 ]

@@ -105,7 +105,8 @@ class Sampler:
 
     def step(self, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
              generator: torch.Generator, eps_renoise: torch.Tensor | None = None) -> torch.Tensor:
-        """One update from t to t_prev; ``eps_renoise`` (CFG++) only where the sampler supports it."""
+        """One update from t to t_prev; ``eps_renoise`` (CFG++) only where the sampler supports it (a rule's
+        ``samplers`` says which: GuidedEps checks it before the first step)."""
         raise NotImplementedError
 
 
@@ -137,9 +138,7 @@ class DDPMSampler(Sampler):
 
     name = "ddpm"
 
-    def step(self, x, eps, t, t_prev, generator, eps_renoise=None):
-        if eps_renoise is not None:
-            raise ValueError("CFG++ is defined for DDIM only; use sampler=ddim")
+    def step(self, x, eps, t, t_prev, generator):
         abar, abar_prev = self._abar(t), self._abar(t_prev)
         beta = 1 - abar / abar_prev
         x0 = self._pred_x0(x, eps, abar)

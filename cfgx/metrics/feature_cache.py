@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cfgx.errors import CfgxError
-from cfgx.store.rundir import atomic_torch_save
+from cfgx.store.atomic import atomic_torch_save
 from cfgx.store.safeload import UnreadableFileError, safe_load
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from cfgx.report.plotting import curve_figure
 from cfgx.report.tables import latest_checkpoint_rows
-from cfgx.store.rundir import atomic_write_text
+from cfgx.store.atomic import atomic_write_text
 
 MATCH_ACCURACY = 0.99
 

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from cfgx.store.rundir import atomic_savefig
+from cfgx.store.atomic import atomic_savefig
 
 
 def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], fontsize: float = 7.5,

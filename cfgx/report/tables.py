@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cfgx.report.plotting import curve_figure, dominated, wrap_title
-from cfgx.store.rundir import atomic_savefig, atomic_write_json, atomic_write_text
+from cfgx.store.atomic import atomic_savefig, atomic_write_json, atomic_write_text
 
 # Key columns for the console (fits 80 columns); the files hold every column.
 CONSOLE_COLUMNS = [("s", "s"), ("w_ho", "w"), ("accuracy", "acc"), ("fd_classifier", "FD(clf)"),

@@ -1,18 +1,19 @@
-"""Evaluating a trained run at a list of guidance scales.
+"""Evaluating a trained run at a list of guidance scales: one loop that every rank walks.
 
-For each scale (and each seed block): draw ``eval.num_samples`` samples with
-paired seeds, extract their features once (cached per checkpoint, scale,
-sampler, steps and seed block, so adding a metric never resamples), score them,
-and write the row atomically, so an interrupted sweep resumes at the missing
-scales. Then merge every row of the run into metrics.csv/.json/.md, draw the
-plots and print the key columns.
+For each rule and scale, rank 0 decides the plan (which rows are missing, which sample features are
+not cached) and broadcasts it; every rank samples its shard of the batches; rank 0 gathers the
+features, scores them and writes the row atomically, so an interrupted sweep resumes at the missing
+scales. Samples have paired seeds and their features are cached per checkpoint, scale, sampler,
+steps and seed block, so adding a metric never resamples. At the end rank 0 merges every row of the
+run into metrics.csv/.json/.md and draws the plots. One process runs the same loop with every batch,
+so a sharded sweep's table equals a single-process one.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,161 +21,54 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cfgx import distributed
-from cfgx.config import config_hash, guidance_specs
+from cfgx.config import config_hash, guidance_rules
 from cfgx.console import say
-from cfgx.data import DatasetBundle, to_uint8
-from cfgx.diffusion.guidance import GuidanceSpec, cfgpp_lambda
+from cfgx.data import DatasetBundle
+from cfgx.diffusion.guidance import Prepared, RuleEnv
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
-from cfgx.errors import CfgxError
 from cfgx.metrics.suite import EvalSuite
+from cfgx.report.grids import save_grid, save_side_by_side
 from cfgx.report.tables import console_table, plot_run, write_tables
 from cfgx.sample import balanced_labels, generate
+from cfgx.store.atomic import atomic_torch_save
 from cfgx.store.locks import acquire, locked, release_all
-from cfgx.store.rundir import (
-    atomic_save_image,
-    atomic_savefig,
-    atomic_torch_save,
-    atomic_write_json,
-    device_name,
-    scale_tag,
-    versions,
-)
+from cfgx.store.rundir import device_name, versions
 from cfgx.store.safeload import UnreadableFileError, safe_load
+from cfgx.sweep.rows import RowKey, combine_blocks, finite_or_none, load_rows, read_row, write_row
 
 SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
 
 
-def row_key(method: str, postprocess: str, sampler: str, steps: int, eta: float, n: int, seed: int,
-            blocks: int, ckpt_step: int, scale: float, batch_size: int, metrics: str = "") -> str:
-    """File name of a row (or, without ``metrics``, of its samples' cached features).
+@dataclass(frozen=True)
+class SweepSettings:
+    """The sweep's part of the config, read once."""
 
-    Every choice that changes the samples is in it; the batch size too, since noise
-    is drawn per batch (paired across scales). ``metrics`` hashes what the numbers
-    depend on besides the samples (reference set, metric settings), so another
-    reference makes another row but reuses the cached features.
-    """
-    b = f"-b{blocks}" if blocks > 1 else ""
-    m = f"-m{metrics}" if metrics else ""
-    return (f"{method}-{postprocess}-{sampler}{steps}-eta{scale_tag(eta)}-n{n}-bs{batch_size}-seed{seed}{b}-"
-            f"step{ckpt_step}{m}-s{scale_tag(scale)}")
+    num_samples: int
+    seed: int
+    batch_size: int
+    seed_blocks: int
+    grid_per_class: int
+    overwrite: bool
+    postprocess: str
 
-
-def save_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int, path: Path) -> torch.Tensor:
-    """Rows = classes, columns = the first ``per_class`` samples of each class (same seeds at every s)."""
-    import torchvision
-
-    idx: list[int] = []
-    for c in range(num_classes):
-        ids = (y == c).nonzero().flatten()[:per_class].tolist()
-        idx += ids + [ids[-1]] * (per_class - len(ids)) if ids else []
-    imgs = to_uint8(x[idx]).float() / 255.0
-    scale = max(1, 64 // x.shape[-1])  # make 8 px digits visible
-    if scale > 1:
-        imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(imgs, nrow=per_class, padding=2, pad_value=1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_image(grid, path)
-    return grid
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> SweepSettings:
+        ec = cfg.eval
+        return cls(int(ec.num_samples), int(ec.seed), int(ec.batch_size), int(ec.seed_blocks),
+                   int(ec.grid_per_class), bool(ec.overwrite), str(cfg.postprocess.name))
 
 
-def save_side_by_side(grids: dict[str, torch.Tensor], path: Path, title: str) -> None:
-    import matplotlib
+@dataclass(frozen=True)
+class ScalePlan:
+    """What every rank does at one (rule, s): decided by rank 0, the same on every rank."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
-    for ax, (name, grid) in zip(axes[0], grids.items()):
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
+    s: float
+    todo: tuple[str, ...]                  # variants ("none", the postprocessor) whose rows are missing
+    compute: tuple[tuple[int, str], ...]   # (seed block, variant) whose features are not cached
 
 
-def read_row(path: Path) -> dict | None:
-    """A row file's row, or None when it is not one (rows are written atomically: a foreign file)."""
-    try:
-        row = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return row if isinstance(row, dict) and "s" in row else None
-
-
-def load_rows(run_dir: Path, console=None) -> list[dict]:
-    rows = []
-    for p in sorted((Path(run_dir) / "sweep" / "rows").glob("*.json")):
-        row = read_row(p)
-        if row is None:
-            say(console, f"[yellow]ignoring unreadable row file {p} (not a cfgx row); a sweep at its scale "
-                         "recomputes it, or delete it")
-            continue
-        rows.append(row)
-    return rows
-
-
-def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and 95% t-interval half-width over seed blocks (None where undefined)."""
-    vals = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return None, None
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, None
-    from scipy.stats import t
-
-    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-    return m, float(t.ppf(0.975, len(vals) - 1) * sd / len(vals) ** 0.5)
-
-
-def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    if len(block_rows) == 1:
-        return dict(block_rows[0])
-    out: dict[str, Any] = {}
-    for k in block_rows[0]:
-        vals = [r.get(k) for r in block_rows]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals if v is not None) and \
-                any(v is not None for v in vals):
-            out[k], ci = mean_ci(vals)
-            out[f"{k}_ci95"] = ci
-        else:
-            out[k] = vals[0]
-    return out
-
-
-def guidance_classifier_options(cfg: DictConfig) -> dict[str, Any]:
-    """guidance.classifier with unset (null) options dropped, so per-data-kind defaults apply."""
-    opts = OmegaConf.to_container(cfg.guidance.classifier, resolve=True) if "classifier" in cfg.guidance else {}
-    return {k: v for k, v in (opts or {}).items() if v is not None}
-
-
-def load_guide(guide: str, cfg: DictConfig, run_dir: Path, data: DatasetBundle, schedule: NoiseSchedule,
-               device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Autoguidance's guide: ``step:N`` (EMA snapshot N of this run) or ``run:PATH`` (another run
-    of the same dataset and noise schedule). Returns the model and the row fields naming it."""
-    from cfgx.store.checkpoints import load_snapshot_model
-    from cfgx.store.rundir import load_run_config, read_meta, resolve_run
-    from cfgx.train import load_ema_model
-
-    kind, _, arg = guide.partition(":")
-    if kind == "step":
-        model = load_snapshot_model(run_dir, cfg, data, schedule, device, int(arg))
-        return model, {"guide": guide, "guide_step": int(arg), "guide_run": str(run_dir)}
-    other = resolve_run(arg, Path(str(cfg.paths.runs)))
-    ocfg = OmegaConf.create(load_run_config(other))
-    if ocfg.dataset.name != data.name:
-        raise CfgxError(f"guidance.autoguidance.guide={guide} is a run of dataset {ocfg.dataset.name}, this run is "
-                        f"of {data.name}; guide with a run of the same dataset")
-    if OmegaConf.to_container(ocfg.diffusion) != OmegaConf.to_container(cfg.diffusion):
-        raise CfgxError(f"guidance.autoguidance.guide={guide} uses another noise schedule (diffusion.*); guide with "
-                        "a run trained with the same diffusion settings")
-    model, step = load_ema_model(other, ocfg, data, schedule, device)
-    return model, {"guide": guide, "guide_step": step, "guide_run": str(other),
-                   "guide_config_hash": read_meta(other).get("config_hash")}
+STOP = "stop"  # rank 0's last broadcast when it stops early: the other ranks return
 
 
 class Sweeper:
@@ -184,24 +78,19 @@ class Sweeper:
                  ckpt_step: int, device: torch.device, console=None) -> None:
         self.cfg, self.run_dir, self.data, self.model = cfg, Path(run_dir), data, model
         self.ckpt_step, self.device, self.console = ckpt_step, device, console
-        ec = cfg.eval
+        self.opt = SweepSettings.from_config(cfg)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.sampler = build_sampler(cfg.sampler.name, self.schedule, int(cfg.sampler.steps),
                                      float(cfg.sampler.eta), clip_x0=data.clip)
-        self.n, self.seed, self.bs = int(ec.num_samples), int(ec.seed), int(ec.batch_size)
-        self.blocks = int(OmegaConf.select(cfg, "eval.seed_blocks", default=1))
-        self.labels = balanced_labels(self.n, data.num_classes)
-        self.specs = guidance_specs(cfg)
-        self.postprocess = str(cfg.postprocess.name)
+        self.labels = balanced_labels(self.opt.num_samples, data.num_classes)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
-        # Load every rule's extra model (guidance classifier, autoguidance guide) before sampling
+        # Every rule's extra model (guidance classifier, autoguidance guide) is loaded before sampling
         # anything, so a bad guide fails in one line before minutes of work.
-        self._setups = [self._setup(spec) for spec in self.specs]
-        self._use(0)
-        self.post = None
-        self.post_tag = "none"
-        if self.postprocess != "none":
-            from cfgx.postprocess import FlowPostprocessor
+        env = RuleEnv(self.run_dir, cfg, data, self.schedule, device, console)
+        self.rules: list[Prepared] = [rule.prepare(env) for rule in guidance_rules(cfg)]
+        self.post, self.post_tag = None, "none"
+        if self.opt.postprocess != "none":
+            from cfgx.postprocess import FlowPostprocessor  # the postprocessor's nets: only when asked for
 
             self.post = FlowPostprocessor.load(self.run_dir, data, device,
                                                OmegaConf.to_container(cfg.postprocess, resolve=True))
@@ -210,205 +99,179 @@ class Sweeper:
         self.suite = EvalSuite(cfg, data, device, console)
         self.metrics_hash = self.suite.settings_hash()
         self.fid_warned = False
+        self.rows_dir = self.run_dir / "sweep" / "rows"
+        self.feat_dir = self.run_dir / "sweep" / "features"
+        self.loaded: dict[Path, dict[str, Any]] = {}  # rank 0: cached features the plan found, until scored
 
-    def _setup(self, spec: GuidanceSpec) -> dict[str, Any]:
-        """(row-key tag, extra row fields, classifier, guide model) of one guidance rule."""
-        out: dict[str, Any] = {"tag": spec.tag(), "clf": None, "guide": None,
-                               "info": {"guidance_schedule": spec.schedule,
-                                        "guidance_options": json.dumps(spec.options, sort_keys=True)}}
-        if spec.method == "classifier":
-            from cfgx.backbones.noisy_classifier import get_guidance_classifier
+    # ------------------------------------------------------------------ the loop
 
-            with distributed.main_first():  # rank 0 trains and caches it in the run dir, the others load it
-                out["clf"], info = get_guidance_classifier(self.run_dir, self.data, self.schedule, self.device,
-                                                           guidance_classifier_options(self.cfg), self.console)
-            # Rows from a differently trained guidance classifier are other rows.
-            out["tag"] = f"classifier-{str(info.get('key'))[:6]}"
-            out["info"].update({"guidance_classifier": info.get("key"),
-                                "guidance_classifier_val_acc": json.dumps(info.get("val_accuracy"))})
-        elif spec.method == "autoguidance":
-            out["guide"], guide_info = load_guide(str(spec.options["guide"]), self.cfg, self.run_dir, self.data,
-                                                  self.schedule, self.device)
-            out["info"].update(guide_info)
-        return out
-
-    def _use(self, i: int) -> None:
-        """Make the i-th rule of ``guidance.method`` the one the next scales are sampled with."""
-        spec, setup = self.specs[i], self._setups[i]
-        self.rule, self.spec, self.method, self.method_tag = i, spec, spec.label, setup["tag"]
-        self.guide_clf, self.guide_model, self.guide_info = setup["clf"], setup["guide"], setup["info"]
-
-    def _samples(self, scale: float, block: int, first_batch: int = 0, labels: torch.Tensor | None = None):
-        return generate(self.model, self.sampler, self.data.shape, self.labels if labels is None else labels, scale,
-                        self.seed + block * SEED_BLOCK_STRIDE, self.bs, self.device, method=self.spec,
-                        classifier=self.guide_clf, autocast_bf16=self.use_bf16, guide=self.guide_model,
-                        first_batch=first_batch)
-
-    def run(self, scales: list[float]) -> list[dict[str, Any]]:
-        """Every rule of ``guidance.method`` at every scale, then the run's merged tables and plots."""
+    def run(self, scales: list[float]) -> list[dict[str, Any]] | None:
+        """Every rule at every scale, then the run's merged tables and plots (rank 0). Every rank calls
+        this; rank 0 returns this sweep's rows, the others None."""
         out_rows: list[dict[str, Any]] = []
-        for i, spec in enumerate(self.specs):
-            if len(self.specs) > 1:
-                say(self.console, f"guidance {spec.label}")
-            self._use(i)
-            out_rows += self._run_scales(scales)
-        release_all(self.run_dir / "sweep" / "rows")
+        for p in self.rules:
+            if len(self.rules) > 1:
+                say(self.console, f"guidance {p.rule.label}")
+            grids: dict[str, dict[str, torch.Tensor]] = {}
+            for s in scales:
+                plan = distributed.on_main(lambda s=s, p=p, done=out_rows: self._plan(p, s, done))
+                if plan == STOP:
+                    return None
+                out_rows += self._run_plan(p, plan, grids)
+            if distributed.is_main():
+                self._save_side_by_side(p, grids)
+        if not distributed.is_main():
+            return None
+        release_all(self.rows_dir)
         with locked(self.run_dir / "sweep" / ".tables.lock"):  # the last writer must see every row
             all_rows = load_rows(self.run_dir, self.console)  # every sweep of this run, not just this one
             write_tables(all_rows, self.run_dir)
             plot_run(all_rows, self.run_dir)
         return out_rows
 
-    def _run_scales(self, scales: list[float]) -> list[dict[str, Any]]:
-        rows_dir = self.run_dir / "sweep" / "rows"
-        feat_dir = self.run_dir / "sweep" / "features"
-        grids: dict[str, dict[str, torch.Tensor]] = {}
-        out_rows: list[dict[str, Any]] = []
-        variants = ["none"] + ([self.postprocess] if self.post is not None else [])
-        for s in scales:
-            # Features depend on the samples only; a row also on the reference set and metric settings.
-            common = (self.sampler.name, len(self.sampler.timesteps), self.sampler.eta, self.n, self.seed,
-                      self.blocks, self.ckpt_step, s, self.bs)
-            sample_keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, *common)
-                           for v in variants}
-            keys = {v: row_key(self.method_tag, self.post_tag if v != "none" else v, *common, self.metrics_hash)
-                    for v in variants}
-            overwrite = bool(self.cfg.eval.overwrite)
-            # One process per scale at a time: a concurrent sweep waits here, then finds the rows done.
-            release_all(rows_dir)  # the previous scale's
-            acquire(rows_dir / f".{sample_keys['none']}.lock", True, f"s={s:g} (another sweep computes it)",
-                    self.console)
-            todo = []
-            for v in variants:
-                rpath = rows_dir / f"{keys[v]}.json"
-                row = None if overwrite or not rpath.is_file() else read_row(rpath)
-                if row is None and rpath.is_file() and not overwrite:
-                    say(self.console, f"[yellow]row file {rpath} is unreadable; recomputing it")
-                if row is None:
-                    todo.append(v)
-                else:
-                    out_rows.append(row)
-            if not todo:
-                say(self.console, f"s={s:g}: already in the table; eval.overwrite=true recomputes")
-                continue
-            per_variant: dict[str, list[dict]] = {v: [] for v in todo}
-            for b in range(self.blocks):
-                x_cache: dict[int, Any] = {}  # this process's sample batches, shared by the variants
-                for v in todo:
-                    fpath = feat_dir / f"{sample_keys[v]}-block{b}.pt"
-                    feats = None
-                    if fpath.is_file() and not overwrite:
-                        try:  # a crafted file (UnsafeFileError) stops the sweep; a broken one is redone
-                            blob = safe_load(fpath)
-                            feats, tinfo, x_grid = blob["features"], blob["timing"], blob.get("grid_x")
-                        except (UnreadableFileError, KeyError, TypeError):
-                            feats = None
-                            say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")
-                    if feats is None:
-                        if distributed.active():  # wake the other ranks: which rule, scale, block, variant
-                            distributed.broadcast_object(("features", self.rule, s, b, v))
-                        feats, tinfo, x_grid = self._features(s, b, v, x_cache)
-                        atomic_torch_save(fpath, {"features": feats, "timing": tinfo, "grid_x": x_grid})
-                    metrics = self.suite.score(feats, self.labels)
-                    metrics.update({f"_{k}": val for k, val in tinfo.items()})
-                    per_variant[v].append(metrics)
-                    if b == 0 and x_grid is not None and self.data.is_image:
-                        grids.setdefault(v, {})[f"s = {s:g}  (w = {s - 1:g})"] = save_grid(
-                            x_grid, self._grid_labels(), self.data.num_classes,
-                            int(self.cfg.eval.grid_per_class), self.run_dir / "sweep" / "grids" / f"{keys[v]}.png")
-            for v in todo:
-                row = self._row(s, v, combine_blocks(per_variant[v]))
-                atomic_write_json(rows_dir / f"{keys[v]}.json", row)
-                out_rows.append(row)
-                self._report_scale(row)
-        for v, g in grids.items():
-            title = (f"{self.data.name}: {self.method} guidance, same seeds at every scale; rows are classes"
-                     + ("" if v == "none" else f"; postprocess={v}"))
-            # Plain CFG keeps samples.png; each other rule gets its own file beside it.
-            stem = "samples" + ("" if self.method == "cfg" else f"_{self.method.replace('@', '_')}")
-            save_side_by_side(g, self.run_dir / (f"{stem}.png" if v == "none" else f"{stem}_{v}.png"), title)
-        return out_rows
+    def _key(self, p: Prepared, variant: str, s: float, metrics: str = "") -> RowKey:
+        return RowKey(p.tag, self.post_tag if variant != "none" else "none", self.sampler.name,
+                      len(self.sampler.timesteps), self.sampler.eta, self.opt.num_samples, self.opt.batch_size,
+                      self.opt.seed, self.opt.seed_blocks, self.ckpt_step, s, metrics)
 
-    def _features(self, s: float, b: int, v: str, x_cache: dict[int, Any]):
+    def _variants(self) -> list[str]:
+        return ["none"] + ([self.opt.postprocess] if self.post is not None else [])
+
+    def _plan(self, p: Prepared, s: float, out_rows: list[dict[str, Any]]) -> ScalePlan:
+        """Rank 0: lock the scale, collect its finished rows into ``out_rows``, list what is missing."""
+        release_all(self.rows_dir)  # the previous scale's
+        # One process per scale at a time: a concurrent sweep waits here, then finds the rows done.
+        acquire(self.rows_dir / f".{self._key(p, 'none', s).name}.lock", True,
+                f"s={s:g} (another sweep computes it)", self.console)
+        todo = []
+        for v in self._variants():
+            rpath = self.rows_dir / f"{self._key(p, v, s, self.metrics_hash).name}.json"
+            row = None if self.opt.overwrite or not rpath.is_file() else read_row(rpath)
+            if row is None and rpath.is_file() and not self.opt.overwrite:
+                say(self.console, f"[yellow]row file {rpath} is unreadable; recomputing it")
+            if row is None:
+                todo.append(v)
+            else:
+                out_rows.append(row)
+        if not todo:
+            say(self.console, f"s={s:g}: already in the table; eval.overwrite=true recomputes")
+        compute = []
+        for b in range(self.opt.seed_blocks):
+            for v in todo:
+                fpath = self.feat_dir / self._key(p, v, s).features_name(b)
+                blob = self._cached(fpath)
+                if blob is None:
+                    compute.append((b, v))
+                else:
+                    self.loaded[fpath] = blob
+        return ScalePlan(s, tuple(todo), tuple(compute))
+
+    def _cached(self, fpath: Path) -> dict[str, Any] | None:
+        """A features file's content, or None to compute it (a crafted file stops the sweep)."""
+        if self.opt.overwrite or not fpath.is_file():
+            return None
+        try:
+            blob = safe_load(fpath)
+            return {"features": blob["features"], "timing": blob["timing"], "grid_x": blob.get("grid_x")}
+        except (UnreadableFileError, KeyError, TypeError):
+            say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")
+            return None
+
+    def _run_plan(self, p: Prepared, plan: ScalePlan, grids: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
+        """Every rank samples its shard of what ``plan`` computes; rank 0 scores and writes the rows."""
+        per_variant: dict[str, list[dict]] = {v: [] for v in plan.todo}
+        for b in range(self.opt.seed_blocks):
+            x_cache: dict[int, Any] = {}  # this process's sample batches, shared by the variants
+            for v in plan.todo:
+                fpath = self.feat_dir / self._key(p, v, plan.s).features_name(b)
+                if (b, v) in plan.compute:
+                    blob = self._features(p, plan.s, b, v, x_cache)
+                    if blob is not None:
+                        atomic_torch_save(fpath, blob)
+                else:
+                    blob = self.loaded.pop(fpath, None)  # rank 0 read it while planning
+                if blob is None:  # ranks above 0: their part is done
+                    continue
+                metrics = self.suite.score(blob["features"], self.labels)
+                metrics.update({f"_{k}": val for k, val in blob["timing"].items()})
+                per_variant[v].append(metrics)
+                if b == 0 and blob["grid_x"] is not None and self.data.is_image:
+                    grids.setdefault(v, {})[f"s = {plan.s:g}  (w = {plan.s - 1:g})"] = save_grid(
+                        blob["grid_x"], self._grid_labels(), self.data.num_classes, self.opt.grid_per_class,
+                        self.run_dir / "sweep" / "grids" / f"{self._key(p, v, plan.s, self.metrics_hash).name}.png")
+        rows = []
+        for v in plan.todo if distributed.is_main() else ():
+            row = self._row(p, plan.s, v, combine_blocks(per_variant[v]))
+            write_row(self.rows_dir, self._key(p, v, plan.s, self.metrics_hash), row)
+            rows.append(row)
+            self._report_scale(row)
+        return rows
+
+    # ------------------------------------------------------------------ sampling and features
+
+    def _features(self, p: Prepared, s: float, b: int, v: str, x_cache: dict[int, Any]) -> dict[str, Any] | None:
         """Features, timing and grid images of one scale/block/variant, computed batch by batch.
 
-        Every rank draws, postprocesses and featurises the sample batches ``my_share``
-        gives it (batch k has the same labels and noise whoever draws it) and rank 0
-        gathers them in batch order; None elsewhere. One process runs the same code
-        with every batch, so a sharded sweep's table equals a single-process one.
+        Every rank draws, postprocesses and featurises the sample batches ``my_share`` gives it
+        (batch k has the same labels and noise whoever draws it) and rank 0 gathers them in batch
+        order; None elsewhere.
         """
-        grid_n = int(self.cfg.eval.grid_per_class) * self.data.num_classes if self.data.is_image else 0
+        grid_n = self.opt.grid_per_class * self.data.num_classes if self.data.is_image else 0
+        bs = self.opt.batch_size
         local: dict[int, Any] = {}
         secs = post_secs = 0.0
         nfe = post_nfe = None
-        for k in distributed.my_share(math.ceil(self.n / self.bs)):
-            labels = self.labels[k * self.bs:(k + 1) * self.bs]
+        for k in distributed.my_share(math.ceil(self.opt.num_samples / bs)):
+            labels = self.labels[k * bs:(k + 1) * bs]
             if k not in x_cache:
-                batch = self._samples(s, b, first_batch=k, labels=labels)
+                batch = generate(self.model, self.sampler, self.data.shape, labels, s,
+                                 self.opt.seed + b * SEED_BLOCK_STRIDE, bs, self.device, rule=p.rule,
+                                 classifier=p.classifier, autocast_bf16=self.use_bf16, guide=p.guide, first_batch=k)
                 x_cache[k] = (batch.x, batch.seconds, batch.nfe)
             x, t, nfe = x_cache[k]
             secs += t
             if v != "none":
                 x, post_nfe, pt = self.post.apply(x, labels, scale=s)
                 post_secs += pt
-            local[k] = (self.suite.extract(x), x[:max(0, grid_n - k * self.bs)].clone() if grid_n else None)
+            local[k] = (self.suite.extract(x), x[:max(0, grid_n - k * bs)].clone() if grid_n else None)
         parts = distributed.gather_by_index(local)
         times = distributed.gather_objects((secs, post_secs))  # wall time of a shard = the slowest rank
         if parts is None or times is None:
-            return None, None, None
+            return None
         feats = {key: torch.cat([f[key] for f, _ in parts]) for key in parts[0][0]}
         x_grid = torch.cat([g for _, g in parts if g is not None and len(g)]) if grid_n else None
-        secs, post_secs = max(t for t, _ in times), max(p for _, p in times)
+        secs, post_secs = max(t for t, _ in times), max(q for _, q in times)
         tinfo: dict[str, Any] = {"seconds": secs, "nfe": nfe}
         if v != "none":
             tinfo = {"seconds": secs + post_secs, "nfe": nfe + post_nfe, "post_seconds": post_secs,
                      "post_nfe": post_nfe}
-        return feats, tinfo, x_grid
-
-    def serve(self) -> None:
-        """Ranks > 0: compute feature shards whenever rank 0 asks, until it says done."""
-        x_cache: dict[int, Any] = {}
-        current = None
-        while True:
-            msg = distributed.broadcast_object(None)
-            if msg[0] == "done":
-                return
-            _, i, s, b, v = msg
-            if current != (i, s, b):
-                self._use(i)
-                x_cache, current = {}, (i, s, b)
-            self._features(s, b, v, x_cache)
+        return {"features": feats, "timing": tinfo, "grid_x": x_grid}
 
     def _grid_labels(self) -> torch.Tensor:
-        k = int(self.cfg.eval.grid_per_class)
-        return self.labels[: k * self.data.num_classes]
+        return self.labels[: self.opt.grid_per_class * self.data.num_classes]
 
-    def _grid_subset(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.data.is_image:
-            return None
-        return x[: int(self.cfg.eval.grid_per_class) * self.data.num_classes].clone()
+    # ------------------------------------------------------------------ rows and what a reader sees
 
-    def _row(self, s: float, postprocess: str, m: dict[str, Any]) -> dict[str, Any]:
+    def _row(self, p: Prepared, s: float, postprocess: str, m: dict[str, Any]) -> dict[str, Any]:
         seconds = float(m.pop("_seconds"))
         nfe = m.pop("_nfe")
         post_s, post_nfe = m.pop("_post_seconds", None), m.pop("_post_nfe", None)
         for k in [k for k in m if k.startswith("_")]:
             m.pop(k)
         vers = versions()
-        total = self.n * self.blocks
-        row: dict[str, Any] = {"s": s, "w_ho": s - 1.0, "method": self.method, "postprocess": postprocess}
-        if self.spec.method == "cfgpp":
-            row["cfgpp_lambda"] = cfgpp_lambda(s, float(self.spec.options["s_at_lambda1"]))
-        row.update({k: _clean(v) for k, v in m.items()})
+        n, blocks = self.opt.num_samples, self.opt.seed_blocks
+        row: dict[str, Any] = {"s": s, "w_ho": s - 1.0, "method": p.rule.label, "postprocess": postprocess,
+                               **p.rule.row_fields(s)}
+        row.update({k: finite_or_none(v) for k, v in m.items()})
         if postprocess != "none" and self.post is not None:
             row.update(self.post.row_fields())
         row.update({
             "sampler": self.sampler.name, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
             "nfe": nfe, "postprocess_nfe": post_nfe, "postprocess_seconds": post_s,
-            "num_samples": self.n, "seed_blocks": self.blocks, "seed": self.seed, "batch_size": self.bs,
-            "seconds": round(seconds * self.blocks, 3),
-            "samples_per_s": round(total / (seconds * self.blocks), 2) if seconds > 0 else None,
-            "checkpoint_step": self.ckpt_step, **self.suite.info, **self.guide_info,
+            "num_samples": n, "seed_blocks": blocks, "seed": self.opt.seed, "batch_size": self.opt.batch_size,
+            "seconds": round(seconds * blocks, 3),
+            "samples_per_s": round(n * blocks / (seconds * blocks), 2) if seconds > 0 else None,
+            "checkpoint_step": self.ckpt_step, **self.suite.info, **p.info,
             "config_hash": config_hash(self.cfg), "device": device_name(self.device),
             "cfgx": vers.get("cfgx"), "torch": vers.get("torch"), "torchmetrics": vers.get("torchmetrics"),
         })
@@ -424,35 +287,40 @@ class Sweeper:
         say(self.console, "  ".join(bits))
         if row.get("fid_comparable") is False and not self.fid_warned:
             self.fid_warned = True
-            say(self.console, f"[yellow]note: FID from {self.n} samples (< 2048, the feature dimension) is biased and "
-                      "not comparable with published numbers; raise eval.num_samples (50k is standard)")
+            say(self.console, f"[yellow]note: FID from {self.opt.num_samples} samples (< 2048, the feature dimension) "
+                              "is biased and not comparable with published numbers; raise eval.num_samples (50k is "
+                              "standard)")
 
+    def _save_side_by_side(self, p: Prepared, grids: dict[str, dict[str, torch.Tensor]]) -> None:
+        label = p.rule.label
+        for v, g in grids.items():
+            title = (f"{self.data.name}: {label} guidance, same seeds at every scale; rows are classes"
+                     + ("" if v == "none" else f"; postprocess={v}"))
+            # Plain CFG keeps samples.png; each other rule gets its own file beside it.
+            stem = "samples" + ("" if label == "cfg" else f"_{label.replace('@', '_')}")
+            save_side_by_side(g, self.run_dir / (f"{stem}.png" if v == "none" else f"{stem}_{v}.png"), title)
 
 
 def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.nn.Module, ckpt_step: int,
               device: torch.device, console=None) -> list[dict[str, Any]]:
-    """Evaluate ``model`` at every scale in ``cfg.guidance.scales``; returns this sweep's rows."""
+    """Evaluate ``model`` at every scale in ``cfg.guidance.scales`` (every rank calls this); returns this
+    sweep's rows on rank 0, [] elsewhere."""
     t0 = time.perf_counter()
     sweeper = Sweeper(cfg, run_dir, data, model, ckpt_step, device, console)
-    if not distributed.is_main():
-        sweeper.serve()  # rank 0 scores and writes every row
-        return []
     try:
         rows = sweeper.run([float(v) for v in cfg.guidance.scales])
+    except BaseException as e:
+        if distributed.active() and distributed.is_main() and not getattr(e, "agreed", False):
+            distributed.broadcast_object(STOP)  # the other ranks wait for a plan: release them
+        raise
     finally:
         release_all(Path(run_dir) / "sweep")
-        if distributed.active():
-            distributed.broadcast_object(("done",))
+    if rows is None:
+        return []
     if console is not None:
-        console.print(console_table(rows, title=f"{data.name}: {', '.join(p.label for p in sweeper.specs)} guidance, "
-                                                f"{sweeper.sampler.name} {len(sweeper.sampler.timesteps)} steps, "
-                                                f"{sweeper.n} samples/scale"))
+        console.print(console_table(rows, title=f"{data.name}: {', '.join(p.rule.label for p in sweeper.rules)} "
+                                                f"guidance, {sweeper.sampler.name} {len(sweeper.sampler.timesteps)} "
+                                                f"steps, {sweeper.opt.num_samples} samples/scale"))
         console.print(f"sweep took {time.perf_counter() - t0:.1f}s; wrote {run_dir}/metrics.csv, metrics.json, "
                       "metrics.md and plots")
     return rows
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

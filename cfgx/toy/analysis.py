@@ -36,16 +36,17 @@ from cfgx.backbones.toy_classifiers import (
     MLPNoisyClassifier,
     train_noisy_classifier,
 )
+from cfgx.config import default_rule
 from cfgx.console import say
 from cfgx.cpu import torch_threads
 from cfgx.data.gmm import GaussianMixture, gmm1d, gmm2d
-from cfgx.diffusion.guidance import GuidanceSpec
+from cfgx.diffusion.guidance import RULES, GuidanceRule, GuidedEps, Models
 from cfgx.diffusion.samplers import Sampler, build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats
-from cfgx.sample import make_eps_fn
-from cfgx.store.rundir import atomic_savefig, atomic_write_json
+from cfgx.store.atomic import atomic_write_json
+from cfgx.toy.plots import plot_1d, plot_2d, plot_lab_margins
 
 DATASETS = ("gmm1d", "gmm2d")
 MUS_1D = (1.0, 0.5, 0.1)
@@ -57,7 +58,6 @@ DELTA_REL_1D = 0.5
 DELTA_MARGIN_2D = 1.0
 # Autoguidance on the toy: the guide is the exact model of the mixture with components this much broader.
 TOY_GUIDE_STD = 1.5
-CLASS_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown")
 
 
 def _run_paths(eps_fn, sampler: Sampler, n: int, dim: int, seed: int) -> torch.Tensor:
@@ -130,67 +130,10 @@ def _panel_specs(scales: Sequence[float]) -> list[tuple[str, str, float]]:
     return specs
 
 
-def _eps_fn(method: str, den: ExactDenoiser, clf: torch.nn.Module | None, schedule: NoiseSchedule,
+def _eps_fn(method: str, den: ExactDenoiser, clf: torch.nn.Module | None, sampler: Sampler,
             y: torch.Tensor, s: float):
     # The toy tables say "cg"; the sampling code calls the same thing guidance.method=classifier.
-    return make_eps_fn(den, y, s, "classifier" if method == "cg" else "cfg", clf, schedule)
-
-
-def _plot_1d(path: Path, mu: float, times: list[float], trajs: dict[tuple[str, str, float], torch.Tensor],
-             y: torch.Tensor, scales: Sequence[float], n_plot: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [("cfg", "exact", "CFG (exact scores)"), ("cg", "exact", "CG, exact classifier"),
-            ("cg", "linear", "CG, linear classifier"), ("cg", "mlp", "CG, MLP classifier")]
-    ncol = len(scales) + 1
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.7 * ncol, 2.3 * len(rows)), sharex=True,
-                             sharey=True, squeeze=False)
-    ref = trajs[("true_conditional", "exact", 1.0)][:, :n_plot, 0]
-    lim = float(max(v[:, :n_plot].abs().max() for v in trajs.values())) * 1.05
-    colors = [CLASS_COLORS[int(c)] for c in y[:n_plot]]
-
-    def draw(ax, tr: torch.Tensor, title: str, with_ref: bool) -> None:
-        ax.axhline(0.0, color="k", lw=1.2, zorder=1)  # decision boundary of the symmetric mixture
-        for m in (-mu, mu):
-            ax.axhline(m, color="0.6", lw=0.7, ls=":", zorder=1)
-        for i in range(tr.shape[1]):
-            if with_ref:
-                ax.plot(times, ref[:, i], color="0.55", lw=0.7, ls="--", zorder=2)
-            ax.plot(times, tr[:, i], color=colors[i], lw=1.1, zorder=3)
-        ax.set_title(title, fontsize=8)
-        ax.set_yscale("symlog", linthresh=mu)
-        ax.set_ylim(-lim, lim)
-        ax.set_xlim(times[0], times[-1])  # t decreases left to right: denoising reads forwards
-
-    draw(axes[0][0], ref, "true conditional (exact, s=1)", with_ref=False)
-    for r, (method, clf, label) in enumerate(rows):
-        if r > 0:
-            axes[r][0].axis("off")
-        for c, s in enumerate(scales, start=1):
-            tr = trajs[(method, clf, float(s))][:, :n_plot, 0]
-            draw(axes[r][c], tr, f"{label}, s={s:g}", with_ref=True)
-    # The unused cells of the reference column hold the legend, so no guided panel is covered.
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=CLASS_COLORS[0], label="class 0 (−μ) requested"),
-               Line2D([], [], color=CLASS_COLORS[1], label="class 1 (+μ) requested"),
-               Line2D([], [], color="0.55", ls="--", label="true conditional, same noise"),
-               Line2D([], [], color="k", label="decision boundary x = 0"),
-               Line2D([], [], color="0.6", ls=":", label="class means ±μ")]
-    axes[1][0].legend(handles=handles, loc="center", fontsize=8, frameon=False)
-    for ax in axes[-1]:
-        ax.set_xlabel("t (T → 0, denoising left → right)", fontsize=8)
-    for r in range(len(rows)):
-        axes[r][1].set_ylabel("x_t (symlog; linear in ±μ)", fontsize=8)
-    axes[0][0].set_ylabel("x_t (symlog; linear in ±μ)", fontsize=8)
-    fig.suptitle(f"gmm1d μ={mu:g}, σ={STD_1D:g} (Zhao & Schwing 2025): every panel starts from the same "
-                 "initial noise; guided paths bend away from the boundary", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
+    return GuidedEps(default_rule("classifier" if method == "cg" else "cfg"), Models(den, clf), y, s, sampler)
 
 
 def _run_1d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: NoiseSchedule, n_paths: int,
@@ -207,67 +150,18 @@ def _run_1d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: Nois
         clf_acc[f"{mu:g}"] = _classifier_accuracy(classifiers, mixture, schedule, seed)
         trajs = {}
         for method, clf_name, s in _panel_specs(scales):
-            fn = _eps_fn(method, den, classifiers[clf_name], schedule, y, s)
+            fn = _eps_fn(method, den, classifiers[clf_name], sampler, y, s)
             tr = _run_paths(fn, sampler, n_paths, 1, seed)
             trajs[(method, clf_name, s)] = tr
             rows.append({"mu": float(mu), "method": method, "classifier": clf_name, "s": s,
                          **{k: round(v, 5) for k, v in _stats_1d(tr[-1], y, mixture, float(mu)).items()}})
         name = f"trajectories_1d_mu{mu:g}.png"
-        _plot_1d(out_dir / name, float(mu), times, trajs, y, scales, min(n_plot, n_paths))
+        plot_1d(out_dir / name, float(mu), STD_1D, times, trajs, y, scales, min(n_plot, n_paths))
         files.append(name)
         say(console, f"gmm1d μ={mu:g}: wrote {name}")
     return {"rows": rows, "classifier_accuracy": clf_acc, "files": files,
             "delta": f"{DELTA_REL_1D:g}*mu (|x| below it counts as near the boundary x=0)",
             "std": STD_1D, "mus": [float(m) for m in mus]}
-
-
-def _plot_2d(path: Path, mixture: GaussianMixture, finals: dict[tuple[str, float], torch.Tensor],
-             y: torch.Tensor, scales: Sequence[float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = torch.cat(list(finals.values()))
-    lim = max(1.8, float(pts.abs().quantile(0.995)) * 1.1)
-    g = torch.linspace(-lim, lim, 241, dtype=torch.float64)
-    gx, gy = torch.meshgrid(g, g, indexing="xy")
-    logp = mixture.class_log_posterior(torch.stack([gx.flatten(), gy.flatten()], 1), 1.0)
-    logp = logp.reshape(*gx.shape, -1)
-    region = logp.argmax(-1).numpy()
-    # For each class, log p(c|x) - max over the others is 0 exactly on its boundary: one contour per
-    # class traces every boundary, including ones an argmax-level contour would draw twice or miss.
-    edges = []
-    for c in range(mixture.num_classes):
-        others = torch.cat([logp[..., :c], logp[..., c + 1:]], -1).max(-1).values
-        edges.append((logp[..., c] - others).numpy())
-    from matplotlib.colors import ListedColormap
-
-    cmap = ListedColormap(list(CLASS_COLORS[:mixture.num_classes]))
-    rows = [("cfg", "CFG (exact scores)"), ("cg", "CG, MLP classifier")]
-    ncol = len(scales)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(3.0 * ncol, 3.1 * len(rows)), squeeze=False)
-    colors = [CLASS_COLORS[int(c)] for c in y]
-    for r, (method, label) in enumerate(rows):
-        for c, s in enumerate(scales):
-            ax = axes[r][c]
-            levels = [-0.5 + k for k in range(mixture.num_classes + 1)]
-            ax.contourf(gx.numpy(), gy.numpy(), region, levels=levels, cmap=cmap, alpha=0.12)
-            for e in edges:
-                ax.contour(gx.numpy(), gy.numpy(), e, levels=[0.0], colors="k", linewidths=0.9)
-            x = finals[(method, float(s))]
-            ax.scatter(x[:, 0], x[:, 1], s=4, c=colors, alpha=0.7, linewidths=0)
-            ax.scatter(mixture.means[:, 0], mixture.means[:, 1], marker="x", c="k", s=18)
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
-            ax.set_aspect("equal")
-            ax.set_title(f"{label}, s={s:g}", fontsize=9)
-            ax.tick_params(labelsize=7)
-    fig.suptitle("gmm2d: final samples (colour = requested class) over the exact clean posterior's "
-                 "decision boundaries (black); x = component means", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
 
 
 def _run_2d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: NoiseSchedule, n_paths: int,
@@ -285,7 +179,7 @@ def _run_2d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: Nois
     rows = []
     for s in scales:
         for method, clf in (("cfg", None), ("cg", mlp)):
-            fn = _eps_fn(method, den, clf, schedule, y, float(s))
+            fn = _eps_fn(method, den, clf, sampler, y, float(s))
             x = _run_paths(fn, sampler, n_paths, 2, seed)[-1]
             finals[(method, float(s))] = x
             logp = mixture.class_log_posterior(x, 1.0)
@@ -296,29 +190,28 @@ def _run_2d(out_dir: Path, scales: list[float], sampler: Sampler, schedule: Nois
                          "near_boundary_frac": round(b["near_boundary"], 5),
                          "confidence": round(b["confidence"], 5),
                          "mean_radius": round(float(x.norm(dim=1).mean()), 5)})
-    _plot_2d(out_dir / "samples_2d.png", mixture, finals, y, scales)
+    plot_2d(out_dir / "samples_2d.png", mixture, finals, y, scales)
     lab = _lab_rows(mixture, den, schedule, sampler, y, scales, n_paths, seed)
     rows += lab
-    _plot_lab_margins(out_dir / "margins_2d.png", rows, scales)
+    plot_lab_margins(out_dir / "margins_2d.png", rows, scales)
     say(console, "gmm2d: wrote samples_2d.png and margins_2d.png")
     return {"rows": rows, "classifier_accuracy": acc, "files": ["samples_2d.png", "margins_2d.png"],
             "delta": f"clean-posterior logit margin < {DELTA_MARGIN_2D:g} counts as near the boundary"}
 
 
-def _lab_specs(sampler: Sampler) -> list[GuidanceSpec]:
-    """Every guidance-lab rule with the defaults of configs/guidance/default.yaml."""
-    from omegaconf import OmegaConf
+# The lab panels in the order the figure shows them; rules registered later join at the end.
+LAB = ("cfg@linear", "cfg@cosine", "interval", "rescale", "apg", "cfgzero", "autoguidance", "cfgpp")
 
-    from cfgx.config import config_dir
 
-    d = OmegaConf.to_container(OmegaConf.load(config_dir() / "guidance" / "default.yaml"), resolve=True)
-    specs = [GuidanceSpec("cfg", "linear"), GuidanceSpec("cfg", "cosine"),
-             GuidanceSpec("interval", options=d["interval"]), GuidanceSpec("rescale", options=d["rescale"]),
-             GuidanceSpec("apg", options=d["apg"]), GuidanceSpec("cfgzero"),
-             GuidanceSpec("autoguidance", options={"guide": f"exact, component std x {TOY_GUIDE_STD}"})]
-    if sampler.name == "ddim":
-        specs.append(GuidanceSpec("cfgpp", options=d["cfgpp"]))
-    return specs
+def _lab_rules(sampler: Sampler) -> list[GuidanceRule]:
+    """Every guidance rule but those the CFG/CG panels show, with configs/guidance/default.yaml's options.
+
+    The toy hands autoguidance its guide model itself, so options that say where to load a model
+    from are not checked (``check=False``).
+    """
+    extra = [n for n, cls in sorted(RULES.items()) if n not in LAB and n != "cfg" and "classifier" not in cls.needs]
+    rules = [default_rule(entry, check=False) for entry in (*LAB, *extra)]
+    return [r for r in rules if r.samplers is None or sampler.name in r.samplers]
 
 
 def _lab_rows(mixture: GaussianMixture, den: ExactDenoiser, schedule: NoiseSchedule, sampler: Sampler,
@@ -332,51 +225,21 @@ def _lab_rows(mixture: GaussianMixture, den: ExactDenoiser, schedule: NoiseSched
                                         weights=mixture.weights, component_class=mixture.component_class,
                                         num_classes=mixture.num_classes), schedule)
     rows = []
-    for spec in _lab_specs(sampler):
+    for rule in _lab_rules(sampler):
         for s in scales:
-            if spec.method == "cfgpp" and s > float(spec.options["s_at_lambda1"]):
-                continue  # lambda > 1 is outside CFG++'s range
-            fn = make_eps_fn(den, y, float(s), spec, None, schedule, sampler.timesteps, bad)
+            try:
+                rule.check_scales([float(s)])
+            except CfgxError:
+                continue  # outside the rule's range (CFG++: lambda > 1)
+            fn = GuidedEps(rule, Models(den, guide=bad), y, float(s), sampler)
             x = _run_paths(fn, sampler, n_paths, 2, seed)[-1]
             logp = mixture.class_log_posterior(x, 1.0)
             b = boundary_stats(logp, DELTA_MARGIN_2D)
-            rows.append({"method": spec.label, "classifier": "exact", "s": float(s), "margin": round(b["margin"], 5),
+            rows.append({"method": rule.label, "classifier": "exact", "s": float(s), "margin": round(b["margin"], 5),
                          "accuracy": round(float((logp.argmax(1) == y).double().mean()), 5),
                          "near_boundary_frac": round(b["near_boundary"], 5), "confidence": round(b["confidence"], 5),
                          "mean_radius": round(float(x.norm(dim=1).mean()), 5)})
     return rows
-
-
-def _plot_lab_margins(path: Path, rows: list[dict[str, Any]], scales: Sequence[float]) -> None:
-    """One panel per rule: its mean boundary margin vs s, with exact CFG dashed for reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "cfg"))
-    ncol = min(5, len(methods))
-    nrow = math.ceil(len(methods) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.6 * nrow), squeeze=False, sharey=True)
-    ref = sorted((r["s"], r["margin"]) for r in rows if r["method"] == "cfg")
-    for ax, m in zip(axes.flat, methods):
-        pts = sorted((r["s"], r["margin"]) for r in rows if r["method"] == m)
-        ax.plot([p[0] for p in ref], [p[1] for p in ref], "--", color="0.55", lw=1, label="CFG")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, color="tab:blue", label=m)
-        ax.set_title("CG (MLP classifier)" if m == "cg" else m, fontsize=9)
-        ax.set_xlabel("s", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.25)
-    for ax in axes.flat[len(methods):]:
-        ax.axis("off")
-    for row in axes:
-        row[0].set_ylabel("mean boundary margin", fontsize=8)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("gmm2d, exact scores: mean clean-posterior logit margin (top-1 minus top-2) of the final "
-                 "samples per guidance rule and s; dashed: CFG", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
 
 
 def run_toy(dataset: str, out_dir: Path, scales: list[float] = [1, 2, 4, 8], sampler: str = "ddim",  # noqa: B006
