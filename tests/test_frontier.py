@@ -6,8 +6,9 @@ import matplotlib
 import pytest
 
 from cfgx.report.frontier import frontier_table, matched_point, write_frontier
+from cfgx.report.plots import plot_run
 from cfgx.report.plotting import dominated, place_labels
-from cfgx.report.tables import plot_run, reader_columns, write_tables
+from cfgx.report.tables import reader_columns, write_tables
 
 matplotlib.use("Agg")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cfgx.report.plotting import curve_figure
-from cfgx.report.tables import latest_checkpoint_rows
+from cfgx.report.plots import latest_checkpoint_rows
+from cfgx.report.plotting import curve_figure, pyplot
 from cfgx.store.atomic import atomic_write_text
 
 MATCH_ACCURACY = 0.99
@@ -95,10 +95,7 @@ PAIRS = [("fd", "recall", "frontier_fd_recall"), ("precision", "recall", "fronti
 
 def plot_frontiers(rows: list[dict], out_dir: Path, match: float = MATCH_ACCURACY) -> list[Path]:
     """One figure per metric pair; one curve per rule, points labelled by s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = latest_rows(rows)
     groups = by_method(rows)

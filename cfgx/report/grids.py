@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 from cfgx.data import to_uint8
+from cfgx.report.plotting import pyplot
 from cfgx.store.atomic import atomic_save_image, atomic_savefig
 
 
@@ -28,11 +29,7 @@ def save_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, per_class: int
 
 
 def save_side_by_side(grids: dict[str, torch.Tensor], path: Path, title: str) -> None:
-    # Heavy, and choosing a backend at import would impose Agg on whoever imports cfgx: load when drawing.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
     for ax, (name, grid) in zip(axes[0], grids.items()):

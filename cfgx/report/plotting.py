@@ -13,6 +13,18 @@ from typing import Any
 from cfgx.store.atomic import atomic_savefig
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
+    # Loaded when a figure is drawn: matplotlib is heavy (keeps 'cfgx --help' fast), and choosing a
+    # backend at import would impose Agg on whoever imports cfgx.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], fontsize: float = 7.5,
                  color: str | Sequence[str] = "0.25", rounds: int = 60) -> None:
     """Annotate points (xs[i], ys[i]) with texts[i], nudging labels so their boxes do not overlap.
@@ -98,10 +110,7 @@ def curve_figure(series: dict[str, list[tuple[float, float, str]]], xlabel: str,
     When a few points (typically s = 0) dominate y, a second panel zooms onto the others at a
     linear scale, and the full view uses a log y axis, so neither hides the comparison.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ys = [p[1] for pts in series.values() for p in pts]
     flags = outliers(ys)

@@ -29,7 +29,8 @@ from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report.grids import save_grid, save_side_by_side
-from cfgx.report.tables import console_table, plot_run, write_tables
+from cfgx.report.plots import plot_run
+from cfgx.report.tables import console_table, write_tables
 from cfgx.sample import balanced_labels, generate
 from cfgx.store.atomic import atomic_torch_save
 from cfgx.store.locks import acquire, locked, release_all
