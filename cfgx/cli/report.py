@@ -10,12 +10,10 @@ from cfgx.errors import CfgxError
 from cfgx.report.frontier import MATCH_ACCURACY, write_frontier
 from cfgx.report.tables import console_table, plot_cond_drop_heatmap, plot_run, write_tables
 from cfgx.store.rundir import is_run_dir, load_run_config, resolve_run
+from cfgx.sweep.rows import load_rows
 
 
 def cmd_report(args: list[str]) -> int:
-    # why: cfgx.sweep.loop loads the metrics stack (~3 s), so a bad report argument fails fast
-    from cfgx.sweep.loop import load_rows
-
     out = None
     runs = []
     match = MATCH_ACCURACY
