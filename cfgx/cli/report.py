@@ -8,7 +8,8 @@ from pathlib import Path
 from cfgx.cli.common import console as make_console
 from cfgx.errors import CfgxError
 from cfgx.report.frontier import MATCH_ACCURACY, write_frontier
-from cfgx.report.tables import console_table, plot_cond_drop_heatmap, plot_run, write_tables
+from cfgx.report.plots import plot_cond_drop_heatmap, plot_run
+from cfgx.report.tables import console_table, write_tables
 from cfgx.store.rundir import is_run_dir, load_run_config, resolve_run
 from cfgx.sweep.rows import load_rows
 
