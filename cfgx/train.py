@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 
 from cfgx import distributed
 from cfgx.backbones import build_backbone, count_parameters
@@ -27,9 +29,15 @@ from cfgx.console import progress_bar, say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
-from cfgx.errors import CfgxError
-from cfgx.store.checkpoints import save_snapshot
-from cfgx.store.rundir import CKPT_NAME, AppendLog, atomic_torch_save
+from cfgx.store.atomic import AppendLog, atomic_torch_save
+from cfgx.store.checkpoints import (
+    CKPT_NAME,
+    load_checkpoint,
+    make_ema,
+    restore_training_state,
+    save_snapshot,
+    training_state,
+)
 
 
 @dataclass
@@ -38,10 +46,6 @@ class TrainResult:
     step: int
     img_per_s: float
     seconds: float
-
-
-def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Tensor:
@@ -54,30 +58,25 @@ def batch_indices(step: int, n: int, batch: int, seed: int, device) -> torch.Ten
     return perm[pos * batch:(pos + 1) * batch].to(device)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    from cfgx.store.safeload import safe_load
+def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int,
+                      fused: bool | None = None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its linear learning-rate warm-up over ``warmup_steps`` (at least 1) steps."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    warmup = max(int(warmup_steps), 1)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
-    return safe_load(path, map_location, fix="delete it to restart training from scratch")
 
-
-def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule: NoiseSchedule,
-                   device: torch.device) -> tuple[torch.nn.Module, int]:
-    """The EMA weights of a run's last checkpoint, ready for sampling; and its step."""
-    model = build_backbone(cfg.backbone, data, schedule)
-    if cfg.backbone.name == "exact":
-        return model.to(device).eval(), 0
-    path = Path(run_dir) / "checkpoints" / CKPT_NAME
-    if not path.is_file():
-        raise CfgxError(f"no checkpoint in {run_dir}/checkpoints/; finish training first by re-running "
-                        "'cfgx train' with the same options")
-    ckpt = load_checkpoint(path)
-    try:
-        ema = make_ema(model, 0.0)
-        ema.load_state_dict(ckpt["ema"])
-    except (KeyError, RuntimeError) as e:
-        raise CfgxError(f"checkpoint {path} does not match the run's backbone config ({type(e).__name__}); "
-                        "the run dir was edited or the checkpoint corrupted") from None
-    return ema.module.to(device).eval(), int(ckpt["step"])
+def optimizer_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, ema: AveragedModel,
+                   grad_clip: float | None) -> None:
+    """One update: backward, clip the gradient norm (when ``grad_clip``), step, warm-up, EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+    opt.step()
+    sched.step()
+    ema.update_parameters(model)
 
 
 def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.device,
@@ -98,10 +97,8 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     ema = make_ema(model, float(tc.ema_decay))
     # fused: one kernel over every parameter instead of a Python loop of ~10 ops per tensor (the
     # default on CPU); same update to float rounding, 3x less optimizer time (tests/test_unet_fast_path.py).
-    opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), weight_decay=float(tc.weight_decay),
-                            fused=device.type in ("cpu", "cuda"))
-    warmup = max(int(tc.warmup_steps), 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    opt, sched = adamw_with_warmup(model.parameters(), float(tc.lr), float(tc.weight_decay), tc.warmup_steps,
+                                   fused=device.type in ("cpu", "cuda"))
     loss_fn = EpsLoss(schedule, float(cfg.cond_drop.p))
     world, rank = distributed.world_size(), distributed.rank()
     # Rank r draws its own dropout/noise stream, a pure function of (seed, rank) and the step count;
@@ -123,11 +120,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
     step = 0
     if (ckpt_dir / CKPT_NAME).is_file():
         ckpt = load_checkpoint(ckpt_dir / CKPT_NAME, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step = int(ckpt["step"])
+        step = restore_training_state(ckpt, model, ema, opt, sched)
         rng = _rank_rng(ckpt, rank, world)
         if rng is None:  # saved by another number of processes: this rank starts a new stream here
             gen.manual_seed(distributed.reseed_seed(int(cfg.seed), step, rank))
@@ -148,11 +141,8 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
         ranks = distributed.gather_objects(rng)  # a collective: every rank calls save() at the same step
         if not distributed.is_main():
             return
-        atomic_torch_save(ckpt_dir / CKPT_NAME, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "step": step, "rng": rng,
-            **({"rng_ranks": ranks, "world_size": world} if world > 1 else {}),
-        })
+        atomic_torch_save(ckpt_dir / CKPT_NAME, training_state(
+            model, ema, opt, sched, step, rng=rng, **({"rng_ranks": ranks, "world_size": world} if world > 1 else {})))
 
     say(console, f"training {count_parameters(model) / 1e6:.2f}M-parameter {cfg.backbone.name} on "
                   f"{data.name} ({n} images) for {steps} steps, batch {bs}, cond_drop {cfg.cond_drop.p}, "
@@ -176,13 +166,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss = loss_fn(net, x, y, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
-                opt.step()
-                sched.step()
-                ema.update_parameters(model)
+                optimizer_step(loss, model, opt, sched, ema, tc.grad_clip)
                 step += 1
                 loss_acc += loss.detach()
                 n_acc += 1
@@ -233,8 +217,6 @@ def _wrap_for_training(model: torch.nn.Module, device: torch.device, tc: DictCon
     """
     net = model
     if distributed.active():
-        from torch.nn.parallel import DistributedDataParallel
-
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_enabled(tc, device):
         net = torch.compile(net)

@@ -9,8 +9,9 @@ from cfgx.backbones import build_backbone, check_label_dependence
 from cfgx.config import compose
 from cfgx.data import build_dataset
 from cfgx.errors import CfgxError
+from cfgx.store.checkpoints import load_checkpoint
 from cfgx.store.rundir import new_run_dir
-from cfgx.train import load_checkpoint, train
+from cfgx.train import train
 
 SMALL = ["backbone.ch=8", "train.steps=10", "train.batch_size=16", "train.ckpt_every=4", "train.log_every=2"]
 

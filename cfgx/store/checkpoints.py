@@ -1,4 +1,11 @@
-"""EMA-only training snapshots beside ``last.pt``, and choosing checkpoints to sweep.
+"""Training checkpoints and EMA weights on disk: every save and load of a model's weights.
+
+``last.pt`` (``CKPT_NAME``) holds everything a training loop needs to continue bit-exactly:
+``training_state`` writes its common part (model, EMA, optimizer, scheduler, step; the caller adds
+RNG states), ``restore_training_state`` reads it back. The EMA is an ``AveragedModel``
+(``make_ema``); ``ema_weights`` puts saved EMA weights into a freshly built network, which is how
+``load_ema_model`` (a run's last checkpoint), ``load_snapshot_model`` and the flow postprocessor
+get the network they sample with.
 
 ``train.snapshot_every=K`` keeps ``checkpoints/snapshots/ema_<step>.pt`` every K steps: the EMA
 weights as a plain state_dict of tensors and the step, nothing else (no optimizer, no RNG), so a
@@ -11,15 +18,89 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from cfgx.backbones import build_backbone
+from cfgx.data.base import DatasetBundle
+from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.store.rundir import CKPT_NAME, atomic_torch_save
+from cfgx.store.atomic import atomic_torch_save
+from cfgx.store.rundir import CKPT_NAME
+from cfgx.store.safeload import safe_load
 
 SNAPSHOT_DIR = "snapshots"
 _NAME = re.compile(r"ema_(\d+)\.pt")
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters and buffers (a deep copy)."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def ema_weights(net: nn.Module, ema_state: dict[str, Any]) -> nn.Module:
+    """A copy of the freshly built ``net`` holding the saved EMA weights ``ema_state``.
+
+    ``ema_state`` is an ``AveragedModel.state_dict()`` (``module.*`` keys and ``n_averaged``);
+    a mismatch raises the ``RuntimeError`` of ``load_state_dict`` for the caller to word.
+    """
+    ema = make_ema(net, 0.0)
+    ema.load_state_dict(ema_state)
+    return ema.module
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
+    """A training checkpoint (or any cfgx training blob), loaded weights-only."""
+    return safe_load(path, map_location, fix="delete it to restart training from scratch")
+
+
+def training_state(model: nn.Module, ema: AveragedModel, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, step: int, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint holds to continue training: model, EMA, optimizer, scheduler, step, then ``extra``."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "step": step, **extra}
+
+
+def restore_training_state(ckpt: dict[str, Any], model: nn.Module, ema: AveragedModel,
+                           opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                           mismatch: str | None = None) -> int:
+    """Load a ``training_state`` checkpoint into the training objects; returns its step.
+
+    With ``mismatch``, weights that do not fit ``model`` are a one-line CfgxError saying so.
+    """
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+    except (KeyError, RuntimeError):
+        if mismatch is None:
+            raise
+        raise CfgxError(mismatch) from None
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    return int(ckpt["step"])
+
+
+def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule: NoiseSchedule,
+                   device: torch.device) -> tuple[nn.Module, int]:
+    """The EMA weights of a run's last checkpoint, ready for sampling; and its step."""
+    model = build_backbone(cfg.backbone, data, schedule)
+    if cfg.backbone.name == "exact":
+        return model.to(device).eval(), 0
+    path = Path(run_dir) / "checkpoints" / CKPT_NAME
+    if not path.is_file():
+        raise CfgxError(f"no checkpoint in {run_dir}/checkpoints/; finish training first by re-running "
+                        "'cfgx train' with the same options")
+    ckpt = load_checkpoint(path)
+    try:
+        net = ema_weights(model, ckpt["ema"])
+    except (KeyError, RuntimeError) as e:
+        raise CfgxError(f"checkpoint {path} does not match the run's backbone config ({type(e).__name__}); "
+                        "the run dir was edited or the checkpoint corrupted") from None
+    return net.to(device).eval(), int(ckpt["step"])
 
 
 def snapshot_path(run_dir: Path, step: int) -> Path:
@@ -45,8 +126,6 @@ def last_step(run_dir: Path) -> int | None:
     path = Path(run_dir) / "checkpoints" / CKPT_NAME
     if not path.is_file():
         return None
-    from cfgx.train import load_checkpoint
-
     return int(load_checkpoint(path)["step"])
 
 
@@ -84,12 +163,9 @@ def parse_checkpoints(spec: str, run_dir: Path) -> list[int | None]:
     return list(dict.fromkeys(out))
 
 
-def load_snapshot_model(run_dir: Path, cfg: DictConfig, data, schedule, device: torch.device,
-                        step: int) -> torch.nn.Module:
+def load_snapshot_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule: NoiseSchedule,
+                        device: torch.device, step: int) -> nn.Module:
     """The EMA weights of snapshot ``step`` in the run's backbone, ready for sampling."""
-    from cfgx.backbones import build_backbone
-    from cfgx.train import make_ema
-
     path = snapshot_path(run_dir, step)
     if not path.is_file():
         have = snapshot_steps(run_dir)
@@ -97,10 +173,8 @@ def load_snapshot_model(run_dir: Path, cfg: DictConfig, data, schedule, device: 
                         " (train with train.snapshot_every=K to keep them)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_backbone(cfg.backbone, data, schedule)
-        ema = make_ema(model, 0.0)
-        ema.load_state_dict(blob["ema"])
+        net = ema_weights(build_backbone(cfg.backbone, data, schedule), blob["ema"])
     except (KeyError, RuntimeError, EOFError) as e:
         raise CfgxError(f"snapshot {path} is unreadable or does not match the run's backbone "
                         f"({type(e).__name__}); delete it") from None
-    return ema.module.to(device).eval()
+    return net.to(device).eval()

@@ -1,4 +1,4 @@
-"""Run directories: creation, discovery, atomic writes and provenance.
+"""Run directories: creation, discovery and provenance (atomic writes: cfgx.store.atomic).
 
 A run dir is self-describing: ``config.yaml`` (resolved), ``overrides.yaml``
 (what the user typed), ``meta.json`` (versions, seeds, device, config hash),
@@ -8,10 +8,10 @@ A run dir is self-describing: ``config.yaml`` (resolved), ``overrides.yaml``
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -22,97 +22,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from cfgx.errors import DISK_ERRNOS, CfgxError, disk_error
+import cfgx
+from cfgx.errors import CfgxError, disk_error
+from cfgx.store.atomic import atomic_write_text, current_umask
 
 CKPT_NAME = "last.pt"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write then rename, so a reader (or a crash) never sees a half-written file.
-
-    The file gets the mode a plain ``open`` would give (0666 minus the umask), not
-    mkstemp's 0600, so colleagues sharing a filesystem can read results.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            raise disk_error(path, e) from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_savefig(fig, path: Path, **kwargs: Any) -> None:
-    """``fig.savefig`` through an atomic write: a full disk never leaves a truncated PNG."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_save_image(grid: torch.Tensor, path: Path) -> None:
-    """``torchvision.utils.save_image`` through an atomic write."""
-    import torchvision
-
-    buf = io.BytesIO()
-    torchvision.utils.save_image(grid, buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-class AppendLog:
-    """A line log opened for appending whose disk errors name the file (``write``/``flush``/``close``)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            self._f = open(self.path, "a")
-        except OSError as e:
-            raise disk_error(self.path, e) from None
-
-    def _guard(self, fn, *args):
-        try:
-            return fn(*args)
-        except OSError as e:
-            raise disk_error(self.path, e) from None
-
-    def write(self, text: str) -> None:
-        self._guard(self._f.write, text)
-
-    def flush(self) -> None:
-        self._guard(self._f.flush)
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._guard(self._f.close)
 
 
 def scale_tag(s: float) -> str:
@@ -140,7 +54,7 @@ def new_run_dir(runs_root: Path, dataset: str, tag: str = "", files: dict[str, s
     except OSError as e:
         raise disk_error(base, e) from None
     try:
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; a run dir is for the group to read
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp makes 0700; a run dir is for the group to read
         for fname, text in (files or {}).items():
             atomic_write_text(stage / fname, text)
         k = 1
@@ -155,8 +69,6 @@ def new_run_dir(runs_root: Path, dataset: str, tag: str = "", files: dict[str, s
                         raise disk_error(path, e) from None
             k += 1
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
@@ -222,8 +134,6 @@ def _git_commit() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    import cfgx
-
     out = {"cfgx": cfgx.__version__, "torch": torch.__version__, "python": platform.python_version()}
     for mod in ("torchvision", "torchmetrics", "torch_fidelity", "hydra", "omegaconf", "numpy"):
         try:
