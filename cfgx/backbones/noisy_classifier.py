@@ -33,9 +33,7 @@ from cfgx.cpu import torch_threads
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.store.locks import locked
-from cfgx.store.rundir import atomic_torch_save
-from cfgx.store.safeload import UnreadableFileError, safe_load
+from cfgx.store.cached import UNREADABLE, load_or_make
 
 VERSION = "guideclf-v1"
 CACHE_NAME = "guidance_classifier.pt"
@@ -268,32 +266,30 @@ def get_guidance_classifier(run_dir: Path, data: DatasetBundle, schedule: NoiseS
     key = _cache_key(data, schedule, cfg)
     path = Path(run_dir) / CACHE_NAME
     device = torch.device(device)
-    with locked(Path(run_dir) / f".{CACHE_NAME}.lock", f"the guidance classifier {path}", console):
-        return _load_or_train(data, schedule, cfg, key, path, device, console)
 
-
-def _load_or_train(data: DatasetBundle, schedule: NoiseSchedule, cfg: dict, key: str, path: Path,
-                   device: torch.device, console) -> tuple[nn.Module, dict[str, Any]]:
-    if path.is_file():
-        try:
-            blob = safe_load(path)
-            if blob.get("key") == key:
-                model = _build(data, schedule, blob["config"])
-                model.load_state_dict(blob["state"])
-                model.to(device).eval().requires_grad_(False)
-                return model, {**blob["info"], "cached": True}
+    def load(blob: dict) -> tuple[nn.Module, dict[str, Any]] | None:
+        if blob.get("key") != key:
             say(console, f"guidance classifier at {path} was trained with other options; retraining")
-        except (UnreadableFileError, KeyError, TypeError, RuntimeError, AttributeError):
-            # A crafted file (UnsafeFileError) propagates: refused, never retrained over silently.
-            say(console, f"[yellow]guidance classifier cache {path} unreadable; retraining")
-    kind = "image encoder" if data.is_image else "MLP"
-    say(console, f"training the guidance classifier ({kind}, {cfg['steps']} steps) for {data.name}")
-    model, info = _train(data, schedule, cfg, device, console)
-    info = {**info, "key": key, "version": VERSION, "config": cfg, "path": str(path),
-            "architecture": type(model).__name__}
-    atomic_torch_save(path, {"key": key, "config": cfg, "info": info,
-                             "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
-    model.to(device).eval().requires_grad_(False)
-    accs = ", ".join(f"t={t}: {a:.2f}" for t, a in info["val_accuracy"].items())
-    say(console, f"guidance classifier held-out accuracy {accs} (chance {info['chance']:.2f})")
-    return model, {**info, "cached": False}
+            return None
+        model = _build(data, schedule, blob["config"])
+        model.load_state_dict(blob["state"])
+        model.to(device).eval().requires_grad_(False)
+        return model, {**blob["info"], "cached": True}
+
+    def make() -> tuple[tuple[nn.Module, dict[str, Any]], dict[str, Any]]:
+        kind = "image encoder" if data.is_image else "MLP"
+        say(console, f"training the guidance classifier ({kind}, {cfg['steps']} steps) for {data.name}")
+        model, info = _train(data, schedule, cfg, device, console)
+        info = {**info, "key": key, "version": VERSION, "config": cfg, "path": str(path),
+                "architecture": type(model).__name__}
+        blob = {"key": key, "config": cfg, "info": info,
+                "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+        model.to(device).eval().requires_grad_(False)
+        accs = ", ".join(f"t={t}: {a:.2f}" for t, a in info["val_accuracy"].items())
+        say(console, f"guidance classifier held-out accuracy {accs} (chance {info['chance']:.2f})")
+        return (model, {**info, "cached": False}), blob
+
+    return load_or_make(path, load, make, lock=Path(run_dir) / f".{CACHE_NAME}.lock",
+                        what=f"the guidance classifier {path}", console=console,
+                        unreadable=f"[yellow]guidance classifier cache {path} unreadable; retraining",
+                        errors=(*UNREADABLE, AttributeError))

@@ -27,9 +27,7 @@ from torch.nn import functional as F
 from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
-from cfgx.store.locks import locked
-from cfgx.store.rundir import atomic_torch_save
-from cfgx.store.safeload import UnreadableFileError, safe_load
+from cfgx.store.cached import load_or_make
 
 VERSION = "evalcnn-v1"
 
@@ -219,26 +217,23 @@ def get_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root:
     """Load the cached evaluation classifier for this dataset, or train and cache it (once: others wait)."""
     key = _cache_key(data, dcfg, ccfg)
     path = Path(cache_root).expanduser() / "eval_classifier" / f"{key}.pt"
-    with locked(path.parent / f".{key}.lock", f"the evaluation classifier {path}", console):
-        return _load_or_train(data, ccfg, device, key, path, console)
 
+    def load(blob: dict) -> tuple[nn.Module, dict]:
+        model = build_eval_classifier(data, ccfg)
+        model.load_state_dict(blob["state"])
+        return model.to(device).eval(), blob["info"]
 
-def _load_or_train(data: DatasetBundle, ccfg: dict, device, key: str, path: Path, console) -> tuple[nn.Module, dict]:
-    model = build_eval_classifier(data, ccfg)
-    if path.is_file():
-        try:
-            # A crafted file (UnsafeFileError) propagates: refused, never retrained over silently.
-            blob = safe_load(path)
-            model.load_state_dict(blob["state"])
-            return model.to(device).eval(), blob["info"]
-        except (UnreadableFileError, KeyError, TypeError, RuntimeError):
-            say(console, f"[yellow]cached evaluation classifier {path} unreadable; retraining")
-    say(console, f"training the evaluation classifier for {data.name} (cached at {path})")
-    model, acc = train_eval_classifier(data, ccfg, device, console=console)
-    info = {"key": key, "held_out_accuracy": acc, "version": VERSION, "path": str(path),
-            "feature_dim": model.feature_dim}
-    if acc < 0.5:
-        raise CfgxError(f"the evaluation classifier for {data.name} only reached {acc:.1%} held-out "
-                        "accuracy; raise eval.classifier.steps")
-    atomic_torch_save(path, {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "info": info})
-    return model.eval(), info
+    def make() -> tuple[tuple[nn.Module, dict], dict]:
+        say(console, f"training the evaluation classifier for {data.name} (cached at {path})")
+        model, acc = train_eval_classifier(data, ccfg, device, console=console)
+        info = {"key": key, "held_out_accuracy": acc, "version": VERSION, "path": str(path),
+                "feature_dim": model.feature_dim}
+        if acc < 0.5:
+            raise CfgxError(f"the evaluation classifier for {data.name} only reached {acc:.1%} held-out "
+                            "accuracy; raise eval.classifier.steps")
+        blob = {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "info": info}
+        return (model.eval(), info), blob
+
+    return load_or_make(path, load, make, lock=path.parent / f".{key}.lock",
+                        what=f"the evaluation classifier {path}", console=console,
+                        unreadable=f"[yellow]cached evaluation classifier {path} unreadable; retraining")
