@@ -23,7 +23,11 @@ from cfgx.errors import CfgxError
 DEFAULT_CHUNK = 1024
 
 
-def _prep(x: torch.Tensor, what: str, min_rows: int = 1) -> torch.Tensor:
+def as_features(x: torch.Tensor, what: str, min_rows: int = 1) -> torch.Tensor:
+    """``x`` as a float64 ``[N, D]`` feature matrix of at least ``min_rows`` finite rows, else a one-line error.
+
+    The input check of every feature metric (these and cfgx.metrics.standard's FID/KID).
+    """
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(x)
     if x.dim() != 2:
@@ -41,8 +45,8 @@ def _prep(x: torch.Tensor, what: str, min_rows: int = 1) -> torch.Tensor:
 def _check_pair(real: torch.Tensor, fake: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k < 1:
         raise CfgxError(f"nearest-neighbour k must be >= 1, got {k}: set a positive k")
-    x = _prep(real, "real features", k + 1)
-    y = _prep(fake, "fake features", k + 1)
+    x = as_features(real, "real features", k + 1)
+    y = as_features(fake, "fake features", k + 1)
     if x.shape[1] != y.shape[1]:
         raise CfgxError(
             f"real and fake feature dims differ ({x.shape[1]} vs {y.shape[1]}): use one extractor for both"
@@ -73,7 +77,7 @@ def knn_radii(feats: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK) -> t
     reference implementations of both Kynkäänniemi et al. and Naeem et al. do
     (an exact duplicate therefore counts as a neighbour at distance 0).
     """
-    x = _prep(feats, "features", k + 1)
+    x = as_features(feats, "features", k + 1)
     out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     for i0, i1, cols in _blocks(x, x, chunk_size):
         best = torch.empty(i1 - i0, 0, dtype=torch.float64, device=x.device)
@@ -154,7 +158,7 @@ def vendi_score(feats: torch.Tensor) -> float:
     used: 50k samples of 2048-d features cost one 2048 x 2048 eigendecomposition.
     Ranges from 1 (all samples identical) to min(n, d) (mutually orthogonal).
     """
-    x = _prep(feats, "features", 1)
+    x = as_features(feats, "features", 1)
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
         raise CfgxError(
@@ -181,7 +185,7 @@ def within_class_pairwise_distance(
     metrics can stay flat. Classes with fewer than 2 samples are skipped; NaN if
     no class has 2.
     """
-    x = _prep(feats, "features", 1)
+    x = as_features(feats, "features", 1)
     labels = torch.as_tensor(labels).to(x.device).flatten()
     if labels.shape[0] != x.shape[0]:
         raise CfgxError(

@@ -17,21 +17,7 @@ from torchmetrics.image.fid import _compute_fid
 from torchmetrics.image.kid import poly_mmd
 
 from cfgx.errors import CfgxError
-
-
-def _as_features(x: torch.Tensor, what: str, min_rows: int = 2) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
-    if x.dim() != 2:
-        raise CfgxError(
-            f"{what} must be a [N, D] feature matrix, got shape {tuple(x.shape)}: flatten to [N, D]"
-        )
-    if x.shape[0] < min_rows:
-        raise CfgxError(f"{what} needs at least {min_rows} samples, got {x.shape[0]}: evaluate more samples")
-    x = x.detach().to(torch.float64)
-    if not bool(torch.isfinite(x).all()):
-        raise CfgxError(f"{what} contains NaN or inf: check the images fed to the feature extractor")
-    return x
+from cfgx.metrics.diversity import as_features
 
 
 def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +26,7 @@ def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Matches ``numpy.cov(rowvar=False)`` and torchmetrics' running-sum estimate, so
     cached real statistics are interchangeable with either tool's.
     """
-    x = _as_features(feats, "features")
+    x = as_features(feats, "features", 2)
     mu = x.mean(dim=0)
     xc = x - mu
     sigma = xc.T @ xc / (x.shape[0] - 1)
@@ -86,8 +72,8 @@ def fid_from_stats(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, s
 
 def fid_from_features(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
     """FID (Heusel et al. 2017) between two ``[N, D]`` feature sets, in float64."""
-    mu1, s1 = feature_stats(_as_features(real_feats, "real features"))
-    mu2, s2 = feature_stats(_as_features(fake_feats, "fake features"))
+    mu1, s1 = feature_stats(as_features(real_feats, "real features", 2))
+    mu2, s2 = feature_stats(as_features(fake_feats, "fake features", 2))
     return fid_from_stats(mu1, s1, mu2, s2)
 
 
@@ -112,8 +98,8 @@ def kid_from_features(
     torchmetrics draws from the global RNG, so after ``torch.manual_seed(seed)``
     torchmetrics picks the identical subsets.
     """
-    x = _as_features(real, "real features")
-    y = _as_features(fake, "fake features")
+    x = as_features(real, "real features", 2)
+    y = as_features(fake, "fake features", 2)
     if x.shape[1] != y.shape[1]:
         raise CfgxError(
             f"KID feature dims differ ({x.shape[1]} vs {y.shape[1]}): "
