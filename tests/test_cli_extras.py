@@ -79,7 +79,7 @@ def test_postprocess_pairs_in_classifier_feature_space(tiny_run, tmp_path, workd
     from cfgx.cli.sweep import sweep_config
     from cfgx.data import build_dataset, stack_dataset
     from cfgx.metrics.suite import EvalSuite
-    from cfgx.postprocess.flow import _dequantize, knn_indices
+    from cfgx.postprocess.pairs import dequantize, knn_indices
 
     run = tmp_path / "digits" / tiny_run.name
     shutil.copytree(tiny_run, run)
@@ -93,6 +93,6 @@ def test_postprocess_pairs_in_classifier_feature_space(tiny_run, tmp_path, workd
     suite = EvalSuite(cfg, data, torch.device("cpu"))
     pairs = torch.load(run / "postprocess" / "pairs.pt", weights_only=False)
     real_x, real_y = stack_dataset(data.train)
-    _, nearest = knn_indices(suite.extract(_dequantize(pairs["x_hat"]))["clf_feats"], pairs["labels"],
+    _, nearest = knn_indices(suite.extract(dequantize(pairs["x_hat"]))["clf_feats"], pairs["labels"],
                              suite.extract(real_x)["clf_feats"], real_y, 1)
     assert torch.equal(pairs["target_idx"], nearest[:, 0])
