@@ -37,7 +37,7 @@ from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.sample import generate
-from cfgx.train import make_ema
+from cfgx.store.checkpoints import make_ema
 
 SCHEDULE = NoiseSchedule("linear", 1000)
 TRAIN_SIZES = {  # the peer_bench configs (tools/peer_bench/cfgx_extra.py)

@@ -97,8 +97,9 @@ def test_fused_adamw_steps_like_the_for_loop_update():
 def test_train_uses_the_fused_optimizer(tmp_path, one_thread):
     from cfgx.config import compose
     from cfgx.data import build_dataset
+    from cfgx.store.checkpoints import load_checkpoint
     from cfgx.store.rundir import new_run_dir
-    from cfgx.train import load_checkpoint, train
+    from cfgx.train import train
 
     cfg = compose(["backbone.ch=8", "train.steps=2", "train.batch_size=8", "train.ckpt_every=2"])
     run = new_run_dir(tmp_path, "r")

@@ -21,9 +21,8 @@ from cfgx.console import say
 from cfgx.data import build_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.postprocess.flow import ignored_settings
-from cfgx.store.checkpoints import load_snapshot_model, parse_checkpoints
+from cfgx.store.checkpoints import load_ema_model, load_snapshot_model, parse_checkpoints
 from cfgx.store.rundir import load_run_config, resolve_run
-from cfgx.train import load_ema_model
 
 
 def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:

@@ -19,9 +19,10 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.metrics.inception import INCEPTION_WEIGHTS_URL, default_weights_path
 from cfgx.postprocess import train_postprocessor
-from cfgx.store.rundir import atomic_write_json, atomic_write_text, new_run_dir, pick_device, provenance
+from cfgx.store.atomic import atomic_write_json, atomic_write_text
+from cfgx.store.checkpoints import load_ema_model
+from cfgx.store.rundir import new_run_dir, pick_device, provenance
 from cfgx.toy.analysis import run_toy
-from cfgx.train import load_ema_model
 
 # ---------------------------------------------------------------- prepare
 

@@ -23,8 +23,9 @@ from cfgx.config import check_group_choices, compose, config_dir, config_hash, n
 from cfgx.data import build_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
+from cfgx.store.atomic import atomic_write_json
 from cfgx.store.locks import run_lock
-from cfgx.store.rundir import atomic_write_json, find_resumable, new_run_dir, provenance, read_meta, resolve_run
+from cfgx.store.rundir import find_resumable, new_run_dir, provenance, read_meta, resolve_run
 from cfgx.train import train
 
 # Launcher options that come from a plugin (hydra-submitit-launcher), ours or its own.
