@@ -271,3 +271,21 @@ def test_image_velocity_net_from_run_weights_and_scratch():
     assert out.shape == x.shape and nfe == 4 and out.abs().max() <= 1.0
     with pytest.raises(CfgxError, match="init"):
         build_velocity_net(data, {"init": "bogus"}, run_model)
+
+
+def test_settings_come_from_flow_yaml_and_keep_the_given_values():
+    """No second copy of the defaults: a partial config is completed from configs/postprocess/flow.yaml."""
+    from omegaconf import OmegaConf
+
+    from cfgx.config import config_dir
+    from cfgx.postprocess import FlowSettings
+
+    yaml = OmegaConf.to_container(OmegaConf.load(config_dir() / "postprocess" / "flow.yaml"))
+    st = FlowSettings.from_config({"k": 7, "train_scales": [1, 2.5]})
+    assert st.k == 7 and st.steps == yaml["steps"] and st.apply_method == yaml["apply_method"]
+    assert st.train_scales == (1.0, 2.5)
+    assert st.record()["train_scales"] == [1, 2.5]  # as given: info.json and the sweep tag hash these
+    assert set(st.record()) == set(yaml)
+    assert FlowSettings.from_config(OmegaConf.create({"k": 7, "train_scales": [1, 2.5]})) == st
+    assert FlowSettings.from_config(st) is st
+    assert FlowSettings.from_config({"apply_method": "heun", "apply_steps": 4}).apply_nfe == 8
