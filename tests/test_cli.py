@@ -189,7 +189,7 @@ def test_other_reference_set_makes_new_rows_without_resampling(tiny_run, workdir
 def test_seed_blocks_report_mean_and_interval(tiny_run, workdir, capsys):
     import shutil
 
-    from cfgx.sweep.loop import mean_ci
+    from cfgx.sweep.rows import mean_ci
 
     run = workdir / "blocks"
     shutil.copytree(tiny_run, run)
