@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from cfgx.backbones.noisy_classifier import get_guidance_classifier
 from cfgx.cli.common import console as make_console
 from cfgx.cli.sweep import sweep_config
-from cfgx.config import compose, normalize_overrides, selects, touches
+from cfgx.config import compose, normalize_overrides, rule_block, selects, touches
 from cfgx.data import build_dataset
+from cfgx.diffusion.guidance import get_rule
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
@@ -84,12 +85,10 @@ def _load_run(args: list[str], extra: list[str] | None = None):
 
 
 def cmd_train_classifier(args: list[str]) -> int:
-    # why: cfgx.sweep.loop loads the metrics stack (~3 s), which prepare and toy do not need
-    from cfgx.sweep.loop import guidance_classifier_options
-
     cfg, run_dir, device, data, schedule = _load_run(args)
     console = make_console()
-    _, info = get_guidance_classifier(run_dir, data, schedule, device, guidance_classifier_options(cfg), console)
+    options = get_rule("classifier")(rule_block(cfg, "classifier")).training_options()
+    _, info = get_guidance_classifier(run_dir, data, schedule, device, options, console)
     console.print(f"guidance classifier for {run_dir}: noisy held-out accuracy by t "
                   f"{json.dumps(info.get('val_accuracy'))} ({'cached' if info.get('cached') else 'trained'})")
     return 0
