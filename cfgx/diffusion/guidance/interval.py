@@ -47,7 +47,8 @@ class Interval(GuidanceRule):
                                 "e.g. guidance.interval.sigma=[0.28,5.42]")
         if lo < 0:
             raise CfgxError(f"guidance.interval.sigma lo={lo:g} must be >= 0 (a noise level)")
-        self.lo, self.hi = lo, None if sig[1] is None else float(sig[1])
 
     def eps(self, step: Step, m: Models, state: None):
-        return interval_eps(m.model, step.x, step.t, step.y, step.s, step.abar, self.lo, self.hi)
+        lo, hi = self.opts.sigma
+        return interval_eps(m.model, step.x, step.t, step.y, step.s, step.abar, float(lo),
+                            None if hi is None else float(hi))
