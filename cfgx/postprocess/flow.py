@@ -38,7 +38,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -292,16 +292,16 @@ def ignored_settings(run_dir: Path, typed: dict[str, Any]) -> list[str]:
     return out
 
 
-def train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBundle, model: nn.Module,
-                        schedule, sampler, device: torch.device | str, console=None,
+def train_postprocessor(cfg_post: FlowSettings | Mapping[str, Any], run_dir: Path, data: DatasetBundle,
+                        model: nn.Module, schedule, sampler, device: torch.device | str, console=None,
                         feature_fn: FeatureFn | None = None) -> dict[str, Any]:
     """``_train_postprocessor`` by one process at a time: a second one waits, then resumes the finished flow."""
     with locked(Path(run_dir) / ".postprocess.lock", f"the postprocessor of {run_dir}", console):
         return _train_postprocessor(cfg_post, run_dir, data, model, schedule, sampler, device, console, feature_fn)
 
 
-def _train_postprocessor(cfg_post: dict[str, Any], run_dir: Path, data: DatasetBundle, model: nn.Module,
-                         schedule, sampler, device: torch.device | str, console=None,
+def _train_postprocessor(cfg_post: FlowSettings | Mapping[str, Any], run_dir: Path, data: DatasetBundle,
+                         model: nn.Module, schedule, sampler, device: torch.device | str, console=None,
                          feature_fn: FeatureFn | None = None) -> dict[str, Any]:
     """Generate pairs from a run, train the flow postprocessor and save it under ``run_dir/postprocess``.
 
