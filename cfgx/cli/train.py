@@ -133,7 +133,7 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     # Rank 0 alone finds the run to resume, or creates one, and locks it; every rank then trains that
     # one (or fails alike). What the sweep will need is checked before a run dir is made, on every
     # rank, because building the evaluation side is collective under torchrun.
-    found = _on_main(lambda: _find_run_dir(cfg, data, h))
+    found = distributed.on_main(lambda: _find_run_dir(cfg, data, h))
     check_before_training(cfg, data, device, None if found is None else Path(found), console)
     held: list = []
 
@@ -142,7 +142,7 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
         held.append(run_lock(run_dir))  # a second identical 'cfgx train' finds this run and must not train it too
         return str(run_dir)
 
-    run_dir = Path(_on_main(create_and_lock))
+    run_dir = Path(distributed.on_main(create_and_lock))
     lock = held[0] if held else None
     try:
         result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
@@ -158,20 +158,6 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
             lock.release()
     run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
     return run_dir
-
-
-def _on_main(fn):
-    """``fn()`` on rank 0 (the only process under plain cfgx), its result or its error on every rank."""
-    out: object = None
-    if distributed.is_main():
-        try:
-            out = fn()
-        except CfgxError as e:
-            out = e
-    out = distributed.broadcast_object(out)
-    if isinstance(out, CfgxError):
-        raise distributed.agreed_error(str(out)) if distributed.active() else out
-    return out
 
 
 def _find_run_dir(cfg: DictConfig, data, h: str) -> str | None:
