@@ -178,6 +178,11 @@ def merge_eval_overrides(saved: DictConfig, overrides: list[str], fresh: DictCon
     for key in EVAL_KEYS:
         if key not in merged or selects(overrides, key):
             merged[key] = fresh[key]  # a new group choice replaces the run's whole block
+        elif OmegaConf.is_dict(merged[key]) and OmegaConf.is_dict(fresh[key]):
+            # Keys newer than the run take today's defaults, so readers never need a default of their own.
+            base = copy.deepcopy(fresh[key])
+            OmegaConf.set_struct(base, False)  # the run may hold keys today's block lacks (+guidance.myrule.k)
+            merged[key] = OmegaConf.merge(base, merged[key])
     for o in overrides:
         path = override_key(o)
         if "." in path and path.split(".")[0] in EVAL_KEYS:

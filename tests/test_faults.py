@@ -275,7 +275,8 @@ def test_bad_inputs_in_a_subprocess_print_one_line(arena, workdir):
 
 def test_files_and_run_dirs_honour_the_umask(tmp_path):
     from cfgx.metrics.feature_cache import FeatureCache
-    from cfgx.store.rundir import atomic_write_text, new_run_dir
+    from cfgx.store.atomic import atomic_write_text
+    from cfgx.store.rundir import new_run_dir
 
     old = os.umask(0o002)
     try:

@@ -19,6 +19,7 @@ from cfgx.backbones.noisy_classifier import (
 )
 from cfgx.backbones.toy_classifiers import MLPNoisyClassifier
 from cfgx.backbones.unet import UNet
+from cfgx.config import default_rule
 from cfgx.data.base import stack_dataset
 from cfgx.data.gmm import build_gmm_bundle
 from cfgx.data.images import load_digits
@@ -98,10 +99,10 @@ def test_classifier_guided_sampling_on_tiny_unet(digits, tmp_path):
     sampler = build_sampler("ddim", SCHEDULE, 6, clip_x0=digits.clip)
     labels = balanced_labels(20, 10)
     common = dict(shape=digits.shape, labels=labels, seed=7, batch_size=10, device=CPU)
-    plain = generate(model, sampler, scale=0.0, method="cfg", **common)
-    cg0 = generate(model, sampler, scale=0.0, method="classifier", classifier=clf, **common)
+    plain = generate(model, sampler, scale=0.0, rule="cfg", **common)
+    cg0 = generate(model, sampler, scale=0.0, rule=default_rule("classifier"), classifier=clf, **common)
     assert torch.equal(plain.x, cg0.x)  # s = 0: exactly unguided unconditional sampling
-    cg = generate(model, sampler, scale=4.0, method="classifier", classifier=clf, **common)
+    cg = generate(model, sampler, scale=4.0, rule=default_rule("classifier"), classifier=clf, **common)
     assert cg.x.shape == (20, 1, 8, 8) and torch.isfinite(cg.x).all()
     assert not torch.allclose(cg.x, plain.x)
     assert cg.nfe == 2 * len(sampler.timesteps) and cg0.nfe == len(sampler.timesteps)

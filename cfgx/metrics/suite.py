@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,20 +53,45 @@ def resolve_feature_spaces(features: Any, data: DatasetBundle) -> list[str]:
     return ["classifier"] + [s for s in spaces if s != "classifier"]
 
 
+@dataclass(frozen=True)
+class MetricSettings:
+    """What the metrics read of a config (eval.*, the cache, the dataset's identity), read once."""
+
+    features: Any
+    boundary_delta: float
+    pr_k: int
+    dc_k: int
+    kid_subsets: int
+    kid_subset_size: int
+    real_samples: int
+    real_split: str
+    inception_weights: str | None
+    inception_batch_size: int | str
+    classifier: dict[str, Any]
+    dataset: dict[str, Any]
+    cache: str
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> MetricSettings:
+        ec = cfg.eval
+        return cls(OmegaConf.to_container(ec, resolve=True)["features"], float(ec.boundary_delta), int(ec.pr_k),
+                   int(ec.dc_k), int(ec.kid_subsets), int(ec.kid_subset_size), int(ec.real_samples),
+                   str(ec.real_split), ec.inception_weights, ec.inception_batch_size,
+                   OmegaConf.to_container(ec.classifier, resolve=True),
+                   OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache))
+
+
 class EvalSuite:
     """Holds the evaluation classifier, the Inception extractor and the real-side features."""
 
     def __init__(self, cfg: DictConfig, data: DatasetBundle, device: torch.device, console=None) -> None:
-        ec = cfg.eval
+        opt = MetricSettings.from_config(cfg)
         self.data, self.device, self.console = data, device, console
-        self.spaces = resolve_feature_spaces(OmegaConf.select(cfg, "eval.features", default="auto"), data)
-        self.delta = float(OmegaConf.select(cfg, "eval.boundary_delta", default=1.0))
-        self.pr_k = int(OmegaConf.select(cfg, "eval.pr_k", default=3))
-        self.dc_k = int(OmegaConf.select(cfg, "eval.dc_k", default=5))
-        self.kid_subsets = int(OmegaConf.select(cfg, "eval.kid_subsets", default=100))
-        self.kid_subset_size = int(OmegaConf.select(cfg, "eval.kid_subset_size", default=1000))
-        n_real = int(OmegaConf.select(cfg, "eval.real_samples", default=10000))
-        self.split = str(OmegaConf.select(cfg, "eval.real_split", default="train"))
+        self.spaces = resolve_feature_spaces(opt.features, data)
+        self.delta, self.pr_k, self.dc_k = opt.boundary_delta, opt.pr_k, opt.dc_k
+        self.kid_subsets, self.kid_subset_size = opt.kid_subsets, opt.kid_subset_size
+        n_real = opt.real_samples
+        self.split = opt.real_split
         if self.split not in ("train", "test"):
             raise CfgxError(f"eval.real_split={self.split!r}; valid: train, test")
         if self.split == "test" and data.test is None:
@@ -80,9 +106,7 @@ class EvalSuite:
         self.info: dict[str, Any] = {"real_reference": f"{data.name}:{self.split} ({self.n_real})"}
 
         if data.is_image:
-            self.clf, clf_info = _shared_eval_classifier(data, OmegaConf.to_container(cfg.dataset, resolve=True),
-                                                         OmegaConf.to_container(ec.classifier, resolve=True),
-                                                         cfg.paths.cache, device, console)
+            self.clf, clf_info = _shared_eval_classifier(data, opt.dataset, opt.classifier, opt.cache, device, console)
             self.info.update({"extractor_classifier": f"eval_classifier:{clf_info['key']}",
                               "eval_classifier_acc": round(clf_info["held_out_accuracy"], 4)})
         else:  # toys: the exact clean posterior is the ideal classifier, raw coordinates the features
@@ -93,7 +117,7 @@ class EvalSuite:
 
         self.inception = None
         if "inception" in self.spaces:
-            self._prepare_inception(cfg, real_x)
+            self._prepare_inception(opt, real_x)
 
     def settings_hash(self) -> str:
         """Short hash of everything besides the samples that a row's numbers depend on."""
@@ -117,21 +141,20 @@ class EvalSuite:
         feats, logits = classify(self.clf, x, self.device)
         return {"clf_feats": feats, "clf_logits": logits}
 
-    def _prepare_inception(self, cfg: DictConfig, real_x: torch.Tensor) -> None:
+    def _prepare_inception(self, opt: MetricSettings, real_x: torch.Tensor) -> None:
         from cfgx.metrics.feature_cache import FeatureCache
         from cfgx.metrics.inception import FeatureExtractor
 
-        weights = OmegaConf.select(cfg, "eval.inception_weights", default=None)
-        bs = cfg.eval.get("inception_batch_size", "auto")
+        weights, bs = opt.inception_weights, opt.inception_batch_size
         if bs == "auto":  # 16 is the fastest on CPU (cache-sized activations); GPUs want big batches
             bs = 16 if self.device.type == "cpu" else 128
         self.inception = FeatureExtractor.inception(weights, device=self.device, batch_size=int(bs))
         prov = self.inception.provenance()
         self.info.update({"extractor_inception": prov["extractor"], "inception_weights": prov["weights_sha256"]})
-        cache = FeatureCache(cfg.paths.cache)
+        cache = FeatureCache(opt.cache)
         key = cache.key(dataset=self.data.name, split=self.split, resolution=self.data.resolution,
                         channels=self.data.channels, n_real=self.n_real, subset_seed=0,
-                        root=str(OmegaConf.select(cfg, "dataset.root", default=None)), **prov)
+                        root=str(opt.dataset.get("root")), **prov)
         # Rank 0 holds the cache entry's lock (so concurrent runs compute it once); the other ranks
         # only take part in the sharded computation, so they must not wait on the lock themselves.
         lock = (locked(cache.root / f".{key}.lock", f"real Inception features {cache.path(key)}", self.console)

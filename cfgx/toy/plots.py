@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from cfgx.data.gmm import GaussianMixture
+from cfgx.report.plotting import pyplot
 from cfgx.store.atomic import atomic_savefig
 
 CLASS_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown")
@@ -17,10 +18,7 @@ CLASS_COLORS = ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", 
 
 def plot_1d(path: Path, mu: float, std: float, times: list[float], trajs: dict[tuple[str, str, float], torch.Tensor],
              y: torch.Tensor, scales: Sequence[float], n_plot: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [("cfg", "exact", "CFG (exact scores)"), ("cg", "exact", "CG, exact classifier"),
             ("cg", "linear", "CG, linear classifier"), ("cg", "mlp", "CG, MLP classifier")]
@@ -74,10 +72,7 @@ def plot_1d(path: Path, mu: float, std: float, times: list[float], trajs: dict[t
 
 def plot_2d(path: Path, mixture: GaussianMixture, finals: dict[tuple[str, float], torch.Tensor],
              y: torch.Tensor, scales: Sequence[float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = torch.cat(list(finals.values()))
     lim = max(1.8, float(pts.abs().quantile(0.995)) * 1.1)
@@ -92,7 +87,7 @@ def plot_2d(path: Path, mixture: GaussianMixture, finals: dict[tuple[str, float]
     for c in range(mixture.num_classes):
         others = torch.cat([logp[..., :c], logp[..., c + 1:]], -1).max(-1).values
         edges.append((logp[..., c] - others).numpy())
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import ListedColormap  # matplotlib loads when a figure is drawn (see pyplot)
 
     cmap = ListedColormap(list(CLASS_COLORS[:mixture.num_classes]))
     rows = [("cfg", "CFG (exact scores)"), ("cg", "CG, MLP classifier")]
@@ -123,10 +118,7 @@ def plot_2d(path: Path, mixture: GaussianMixture, finals: dict[tuple[str, float]
 
 def plot_lab_margins(path: Path, rows: list[dict[str, Any]], scales: Sequence[float]) -> None:
     """One panel per rule: its mean boundary margin vs s, with exact CFG dashed for reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "cfg"))
     ncol = min(5, len(methods))
