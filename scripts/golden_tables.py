@@ -8,7 +8,7 @@ Scenarios (each a real CLI call, in a fresh runs root and cache under OUT):
   rules     one sweep over every guidance rule (and a weight schedule) on paired seeds
   cg        a classifier-guidance sweep
   flow      ``cfgx postprocess`` then a ``postprocess=flow`` sweep
-  toy       ``cfgx toy`` (gmm1d) and its summary
+  toy       ``cfgx toy`` on gmm1d and gmm2d (the 2-D one runs every rule of the lab) and their summaries
   ddp       a 2-process sweep (torchrun on gloo)
 
 Records are compared row by row (keyed by the row file's name, i.e. the row key), with timing columns
@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"seconds", "samples_per_s", "postprocess_seconds", "train_seconds", "post_seconds"}
+TIMING = {"seconds", "samples_per_s", "postprocess_seconds", "train_seconds", "post_seconds",
+          "postprocess_train_seconds"}
 COMMON = ["sampler=ddim", "sampler.steps=10", "eval.num_samples=100", "eval.batch_size=50"]
 RULES = "[cfg,interval,rescale,apg,cfgpp,cfgzero,autoguidance,cfg@linear,apg@cosine]"
 
@@ -61,9 +62,10 @@ def record(out: Path) -> None:
           "postprocess.train_scales=[1,3]", *COMMON)
     _cfgx(out, "sweep", f"run={run}", "postprocess=flow", "guidance=1,3", *COMMON)
     _cfgx(out, "sweep", f"run={run}", "launcher.nproc=2", "guidance=0,3", "eval.seed=7", *COMMON)
-    _cfgx(out, "toy", "dataset=gmm1d")
-    toy = next(p for p in (out / "runs" / "gmm1d").iterdir() if p.is_dir())
-    shutil.copy(toy / "toy_summary.json", out / "toy_summary.json")
+    for toy in ("gmm1d", "gmm2d"):
+        _cfgx(out, "toy", f"dataset={toy}")
+        found = next(p for p in (out / "runs" / toy).iterdir() if p.is_dir())
+        shutil.copy(found / "toy_summary.json", out / f"toy_summary_{toy}.json")
     shutil.copytree(run / "sweep" / "rows", out / "rows")
     shutil.copy(run / "metrics.csv", out / "all_metrics.csv")
     (out / "run_dir.txt").write_text(str(run))
@@ -109,11 +111,11 @@ def compare(a: Path, b: Path, expect: set[tuple[str, float]]) -> int:
         elif diff:
             print(f"{k}: differs in {diff[:8]}")
             bad += 1
-    toy_a = _norm(json.loads((a / "toy_summary.json").read_text()), "", "")
-    toy_b = _norm(json.loads((b / "toy_summary.json").read_text()), "", "")
-    if toy_a != toy_b:
-        print("toy_summary.json differs")
-        bad += 1
+    for toy in ("gmm1d", "gmm2d"):
+        name = f"toy_summary_{toy}.json"
+        if _norm(json.loads((a / name).read_text()), "", "") != _norm(json.loads((b / name).read_text()), "", ""):
+            print(f"{name} differs")
+            bad += 1
     for name in ("demo_metrics.csv",):
         if _csv(a / name, a) != _csv(b / name, b):
             print(f"{name} differs (timings excluded)")
