@@ -117,6 +117,7 @@ def check_group_choices(overrides: list[str]) -> None:
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """Compose configs/config.yaml with Hydra overrides, as the CLI would (no multirun)."""
+    # why: hydra costs ~150 ms to import and 'cfgx --help' loads this module
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -240,7 +241,7 @@ def validate(cfg: DictConfig) -> None:
     guidance_rules(cfg)  # every rule's options, one line per problem
     _require(cfg.diffusion.schedule in ("linear", "cosine"),
              f"diffusion.schedule={cfg.diffusion.schedule!r}; valid: linear, cosine")
-    from cfgx.diffusion.samplers import SAMPLERS
+    from cfgx.diffusion.samplers import SAMPLERS  # why: it imports torch, which 'cfgx --help' must not load
 
     _require(cfg.sampler.name in SAMPLERS,
              f"sampler.name={cfg.sampler.name!r}; valid: {', '.join(sorted(SAMPLERS))}")

@@ -6,6 +6,8 @@ CLI passes a rich ``Console``. Bars draw only on a terminal, so logs stay clean.
 
 from __future__ import annotations
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 
 def say(console, msg: str) -> None:
     """Print ``msg`` (rich markup allowed) when there is a console."""
@@ -15,8 +17,6 @@ def say(console, msg: str) -> None:
 
 def progress_bar(console, label: str, *fields: str):
     """A rich bar: label, bar, done/total, loss, any ``fields`` (format strings on task fields), ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), *(TextColumn(f) for f in fields),
                     TimeRemainingColumn(), console=console, transient=False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -23,8 +24,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from cfgx.errors import CfgxError
+from cfgx.store.rundir import pick_device
 
 # ---------------------------------------------------------------- who am I
 
@@ -41,7 +44,7 @@ def _adopt_submitit_env() -> None:
     if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
         return
     try:
-        import submitit
+        import submitit  # why: optional extra (pip install cfgx[cluster]); only submitit jobs get here
 
         env = submitit.JobEnvironment()
         if env.num_tasks <= 1:
@@ -114,8 +117,6 @@ def setup(device_name: str, backend: str = "auto", timeout_min: float = 60.0,
     batch) is checked against the world size before any rendezvous, so a bad value
     fails at once on every rank instead of hanging.
     """
-    from cfgx.store.rundir import pick_device
-
     _adopt_submitit_env()
     world = world_size()
     if backend not in ("auto", "gloo", "nccl"):
@@ -145,8 +146,6 @@ def setup(device_name: str, backend: str = "auto", timeout_min: float = 60.0,
 
 def setup_from_config(cfg, batch_size: int | None = None) -> torch.device:
     """``setup`` with the run config's ``device`` and ``dist`` block (absent in older runs: defaults)."""
-    from omegaconf import OmegaConf
-
     return setup(str(cfg.device), str(OmegaConf.select(cfg, "dist.backend", default="auto")),
                  float(OmegaConf.select(cfg, "dist.timeout_min", default=60)), batch_size)
 
@@ -311,8 +310,7 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     torchrun's own ChildFailedError traceback is dropped: the failing rank has
     already printed cfgx's one-line error.
     """
-    import logging
-
+    # why: torchrun's launcher (elastic agent, rendezvous) is only needed by the launcher.nproc parent
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run

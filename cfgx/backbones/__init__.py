@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from cfgx.backbones.exact import ExactDenoiser
+from cfgx.backbones.unet import UNet
 from cfgx.data.base import DatasetBundle
 from cfgx.errors import CfgxError
 
@@ -19,8 +23,6 @@ def build_backbone(cfg, data: DatasetBundle, schedule=None) -> torch.nn.Module:
         if not data.is_image:
             raise CfgxError(f"backbone=unet needs an image dataset, {data.name!r} is not one; "
                             "use backbone=exact (or an MLP) for toy data")
-        from cfgx.backbones.unet import UNet
-
         return UNet(in_channels=data.shape[0], resolution=data.shape[-1], num_classes=data.num_classes,
                     ch=int(cfg.ch), ch_mult=tuple(cfg.ch_mult), num_res_blocks=int(cfg.num_res_blocks),
                     attn_resolutions=tuple(cfg.attn_resolutions), dropout=float(cfg.dropout),
@@ -29,8 +31,6 @@ def build_backbone(cfg, data: DatasetBundle, schedule=None) -> torch.nn.Module:
         if "mixture" not in data.extra:
             raise CfgxError(f"backbone=exact needs an analytic dataset (gmm1d, gmm2d), not "
                             f"{data.name!r}; pick dataset=gmm1d or a trainable backbone")
-        from cfgx.backbones.exact import ExactDenoiser
-
         return ExactDenoiser(data.extra["mixture"], schedule)
     raise CfgxError(f"unknown backbone {cfg.name!r}; valid: {', '.join(BACKBONES)}")
 
@@ -48,8 +48,6 @@ def check_label_dependence(model: torch.nn.Module, shape: tuple[int, ...], devic
     so the check runs on a copy with every parameter jittered: that tests the
     wiring, which is what goes wrong.
     """
-    import copy
-
     probe = copy.deepcopy(model).to(device).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

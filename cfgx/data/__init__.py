@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from omegaconf import OmegaConf
+
 from cfgx.data.base import DatasetBundle, stack_dataset
+from cfgx.data.gmm import build_gmm_bundle
 from cfgx.data.images import load_digits, load_imagefolder, load_torchvision, to_uint8
 from cfgx.errors import CfgxError
 
 
 def _load_gmm(cfg) -> DatasetBundle:
-    from omegaconf import OmegaConf
-
-    from cfgx.data.gmm import build_gmm_bundle
-
     # Keys every dataset entry carries; the mixture builder takes only its own.
     opts = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
             if k not in ("name", "root", "download", "resolution", "hflip") and v is not None}

@@ -45,7 +45,7 @@ def load_digits(cfg) -> DatasetBundle:
     There is no official split: a fixed, stratified 80/20 split (seeded) gives the
     held-out set the evaluation classifier is scored on.
     """
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # why: scikit-learn (~0.7 s) only for these digits
 
     d = sk_digits()
     # Pixel values are 0..16; map to 0..255 so every image dataset shares one uint8 path.
@@ -92,7 +92,7 @@ def _tv_to_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_torchvision(cfg) -> DatasetBundle:
-    import torchvision
+    import torchvision  # why: torchvision import is slow (~1 s) and only these datasets need it
 
     name = cfg.name
     cls_name, split_style, expected, _ = _TORCHVISION[name]
@@ -132,6 +132,7 @@ def load_torchvision(cfg) -> DatasetBundle:
 
 def load_imagefolder(cfg) -> DatasetBundle:
     """Any ``root/<class>/<image>`` tree (and optionally ``root/test/<class>/...`` via test_root)."""
+    # why: torchvision import is slow (~1 s) and only image-folder datasets need it
     import torchvision
     from torchvision.transforms import functional as TF
 

@@ -27,8 +27,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cfgx.errors import CfgxError
+from cfgx.store.safeload import UnsafeFileError, safe_load
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
@@ -124,9 +126,8 @@ class InceptionV3FeatureNet(nn.Module):
 
     def __init__(self, weights_path: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
+        # why: torch_fidelity loads torchvision (~1 s); only the real Inception net needs it, not stand-in nets
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        from cfgx.store.safeload import UnsafeFileError, safe_load
 
         path = resolve_weights_path(weights_path)
         self.weights_path = path
@@ -176,8 +177,6 @@ def _fold_batchnorm(net: nn.Module) -> None:
     with rescaled weights and a bias. Features move by float rounding only (``tests/test_inception``
     pins them to 1e-5 relative of the unfolded net).
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     for module in net.modules():
         conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):

@@ -15,6 +15,8 @@ Inception when it is on, else the classifier; the ``feature_space`` column says 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,9 @@ from cfgx.metrics.diversity import (
     vendi_score,
     within_class_pairwise_distance,
 )
+from cfgx.metrics.eval_classifier import build_eval_classifier, classify, get_eval_classifier
+from cfgx.metrics.feature_cache import FeatureCache
+from cfgx.metrics.inception import FeatureExtractor
 from cfgx.metrics.standard import fid_from_features, inception_score_from_logits, kid_from_features
 from cfgx.store.locks import locked
 
@@ -121,9 +126,6 @@ class EvalSuite:
 
     def settings_hash(self) -> str:
         """Short hash of everything besides the samples that a row's numbers depend on."""
-        import hashlib
-        import json
-
         parts = {"spaces": self.spaces, "split": self.split, "n_real": self.n_real, "delta": self.delta,
                  "pr_k": self.pr_k, "dc_k": self.dc_k, "kid": [self.kid_subsets, self.kid_subset_size],
                  "extractors": {k: v for k, v in self.info.items() if k != "eval_classifier_acc"}}
@@ -136,15 +138,10 @@ class EvalSuite:
             mixture = self.data.extra["mixture"]
             logits = mixture.class_log_posterior(x.double(), 1.0).float()
             return {"clf_feats": x.float().reshape(len(x), -1), "clf_logits": logits}
-        from cfgx.metrics.eval_classifier import classify
-
         feats, logits = classify(self.clf, x, self.device)
         return {"clf_feats": feats, "clf_logits": logits}
 
     def _prepare_inception(self, opt: MetricSettings, real_x: torch.Tensor) -> None:
-        from cfgx.metrics.feature_cache import FeatureCache
-        from cfgx.metrics.inception import FeatureExtractor
-
         weights, bs = opt.inception_weights, opt.inception_batch_size
         if bs == "auto":  # 16 is the fastest on CPU (cache-sized activations); GPUs want big batches
             bs = 16 if self.device.type == "cpu" else 128
@@ -243,8 +240,6 @@ def _shared_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_r
     broadcast, so no rank trains its own copy (which on a GPU need not come out
     bit-identical) and nodes need no shared cache folder.
     """
-    from cfgx.metrics.eval_classifier import build_eval_classifier, get_eval_classifier
-
     if not distributed.active():
         return get_eval_classifier(data, dcfg, ccfg, cache_root, device, console)
     payload = None
