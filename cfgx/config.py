@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cfgx.errors import CfgxError
 
-GROUPS = ("dataset", "backbone", "cond_drop", "guidance", "sampler", "train", "eval", "postprocess")
+GROUPS = ("dataset", "backbone", "cond_drop", "guidance", "sampler", "train", "eval", "postprocess",
+          "experiment")
 # Parts of a run's config that define the trained model; a sweep may not change them.
 TRAINING_KEYS = ("dataset", "backbone", "cond_drop", "diffusion", "train", "seed")
 # Parts a sweep may set on top of a run's saved config (how it is evaluated, not what was trained).
@@ -162,6 +163,9 @@ def selects(overrides: list[str], group: str) -> bool:
 def check_eval_overrides(overrides: list[str]) -> None:
     """Overrides for evaluating an existing run may not change what it trained; raises CfgxError."""
     for o in overrides:
+        if override_key(o) == "experiment":  # a preset pins training too; its run keeps its evaluation settings
+            raise CfgxError(f"'{o}' is a preset for a new run; train with 'cfgx train {o}' (its run keeps the "
+                            "preset's evaluation settings, so a plain 'cfgx sweep' uses them)")
         if override_key(o).split(".")[0] in TRAINING_KEYS:
             raise CfgxError(f"'{o}' changes training, but sweep evaluates an existing run; train a new run "
                             f"with 'cfgx train {o}' instead")
