@@ -18,13 +18,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cfgx.errors import CfgxError
+from cfgx.loggers import check_loggers
 
 GROUPS = ("dataset", "backbone", "cond_drop", "guidance", "sampler", "train", "eval", "postprocess",
-          "experiment")
+          "experiment", "logger")
 # Parts of a run's config that define the trained model; a sweep may not change them.
 TRAINING_KEYS = ("dataset", "backbone", "cond_drop", "diffusion", "train", "seed")
 # Parts a sweep may set on top of a run's saved config (how it is evaluated, not what was trained).
-EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess", "dist", "launcher")
+EVAL_KEYS = ("eval", "guidance", "sampler", "device", "paths", "postprocess", "dist", "launcher", "logger")
+# Parts that belong to one command, never inherited from the run's saved config: 'cfgx sweep' logs where its
+# own command line says (logger=...), whatever the training command logged to.
+COMMAND_KEYS = ("logger",)
 # How a run executes, not what it learns: toggling these resumes the same run (snapshots are
 # copies of the EMA weights and change nothing either).
 EXECUTION_KEYS = ("compile", "channels_last", "snapshot_every")
@@ -83,6 +87,8 @@ def normalize_overrides(args: list[str], multirun: bool = False) -> list[str]:
       scales, never a Hydra multirun. ``guidance=<name>`` still picks a preset.
     - ``cond_drop=0.1`` -> ``cond_drop.p=0.1`` (and ``-m cond_drop=0,0.1,0.2``
       stays a multirun sweep over ``cond_drop.p``).
+    - ``logger=tensorboard,mlflow`` -> ``logger=[tensorboard,mlflow]``: several loggers at once (Hydra
+      merges each option's block into ``logger``), never a multirun.
     """
     out = []
     for a in args:
@@ -93,6 +99,8 @@ def normalize_overrides(args: list[str], multirun: bool = False) -> list[str]:
         if key == "guidance" and (_is_number_list(value) or "," in value or value.startswith("[")):
             scales = parse_scales(value)
             out.append("guidance.scales=[" + ",".join(repr(s) for s in scales) + "]")
+        elif key == "logger" and "," in value:
+            out.append("logger=[" + ",".join(_split_values(value)) + "]")
         elif key == "cond_drop" and _is_number_list(value):
             out.append(f"cond_drop.p={value}")
         elif key in ("guidance.scales",):
@@ -110,7 +118,7 @@ def check_group_choices(overrides: list[str]) -> None:
         if not eq or key not in GROUPS:
             continue
         valid = group_options(key)
-        for v in _split_values(value) if "," in value else [value]:
+        for v in _split_values(value) if "," in value or value.startswith("[") else [value]:
             if v not in valid:
                 raise CfgxError(f"unknown {key} {v!r}; valid: {', '.join(valid)} "
                                 f"(add configs/{key}/{v}.yaml for a new one)")
@@ -181,7 +189,7 @@ def merge_eval_overrides(saved: DictConfig, overrides: list[str], fresh: DictCon
     fresh = compose(overrides) if fresh is None else fresh
     merged = copy.deepcopy(saved)
     for key in EVAL_KEYS:
-        if key not in merged or selects(overrides, key):
+        if key not in merged or selects(overrides, key) or key in COMMAND_KEYS:
             merged[key] = fresh[key]  # a new group choice replaces the run's whole block
         elif OmegaConf.is_dict(merged[key]) and OmegaConf.is_dict(fresh[key]):
             # Keys newer than the run take today's defaults, so readers never need a default of their own.
@@ -259,6 +267,7 @@ def validate(cfg: DictConfig) -> None:
     nproc = OmegaConf.select(cfg, "launcher.nproc", default=1)
     _require(isinstance(nproc, int) and not isinstance(nproc, bool) and nproc >= 1,
              f"launcher.nproc={nproc!r} must be a positive integer (processes on this machine)")
+    check_loggers(cfg)  # a logger whose package is missing: one line now, before any run dir or training
 
 
 def _methods(cfg: DictConfig) -> list[str]:

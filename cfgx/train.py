@@ -29,6 +29,7 @@ from cfgx.console import progress_bar, say
 from cfgx.data import DatasetBundle, stack_dataset
 from cfgx.diffusion.loss import EpsLoss
 from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.loggers.hub import LoggerHub
 from cfgx.store.atomic import AppendLog, atomic_torch_save
 from cfgx.store.checkpoints import (
     CKPT_NAME,
@@ -80,10 +81,11 @@ def optimizer_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimi
 
 
 def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.device,
-          on_step: Callable[[int], None] | None = None, console=None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, console=None, hub: LoggerHub | None = None) -> TrainResult:
     """Train (or resume) the run in ``run_dir`` to ``train.steps``; returns the EMA model.
 
-    The caller runs ``check_label_dependence`` first (before creating the run dir).
+    The caller runs ``check_label_dependence`` first (before creating the run dir). ``hub`` (started by the
+    caller) gets each train_log.jsonl record too.
     """
     tc = cfg.train
     schedule = NoiseSchedule.from_config(cfg.diffusion)
@@ -178,10 +180,12 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                         raise distributed.agreed_error(f"training diverged at step {step} (loss {mean_loss}); "
                                                        "lower train.lr or raise train.warmup_steps")
                     if log is not None:
-                        log.write(json.dumps({"step": step, "loss": round(mean_loss, 6),
-                                              "lr": sched.get_last_lr()[0], "img_per_s": round(ips, 1),
-                                              "elapsed_s": round(now - t_start, 2)}) + "\n")
+                        record = {"step": step, "loss": round(mean_loss, 6), "lr": sched.get_last_lr()[0],
+                                  "img_per_s": round(ips, 1), "elapsed_s": round(now - t_start, 2)}
+                        log.write(json.dumps(record) + "\n")
                         log.flush()
+                        if hub is not None:
+                            hub.log_train(step, record)
                     progress.update(task, completed=step, loss=mean_loss, ips=ips)
                     t_last, loss_acc, n_acc = now, 0.0, 0
                 if step % int(tc.ckpt_every) == 0 or step == steps:

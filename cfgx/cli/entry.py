@@ -50,6 +50,7 @@ def usage() -> str:
             lines.append(f"  {g:<12} {', '.join(opts)}")
     lines += ["", "shorthand: guidance=0,1,3,7 sets guidance.scales; cond_drop=0.2 sets cond_drop.p;",
               "           cfgx train -m cond_drop=0,0.1,0.2 trains one run per rate (Hydra multirun)",
+              "           logger=[tensorboard,mlflow] logs to both (see README, Logging)",
               f"configs: {config_dir()}"]
     return "\n".join(lines)
 

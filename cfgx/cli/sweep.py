@@ -20,6 +20,7 @@ from cfgx.config import (
 from cfgx.console import say
 from cfgx.data import build_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.loggers.hub import LoggerHub
 from cfgx.postprocess.flow import ignored_settings
 from cfgx.store.checkpoints import load_ema_model, load_snapshot_model, parse_checkpoints
 from cfgx.store.rundir import load_run_config, resolve_run
@@ -63,17 +64,19 @@ def cmd_sweep(args: list[str]) -> int:
     schedule = NoiseSchedule.from_config(cfg.diffusion)
 
     # checkpoint=all|last|STEP[,STEP...]: last.pt and/or EMA snapshots (train.snapshot_every)
-    for snap in parse_checkpoints(ckpt_args[-1].split("=", 1)[1] if ckpt_args else "last", run_dir):
-        if snap is None:
-            model, step = load_ema_model(run_dir, cfg, data, schedule, device)
-            note = training_note(run_dir, step)
-            if note and console is not None:
-                console.print(note, markup=False)
-        else:
-            model, step = load_snapshot_model(run_dir, cfg, data, schedule, device, snap), snap
-        say(console, f"sweeping {run_dir} (checkpoint step {step}) at s = "
-                      f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
-        run_sweep(cfg, run_dir, data, model, step, device, console)
+    snaps = parse_checkpoints(ckpt_args[-1].split("=", 1)[1] if ckpt_args else "last", run_dir)
+    with LoggerHub.from_config(cfg, job="sweep").start(run_dir, cfg) as hub:
+        for snap in snaps:
+            if snap is None:
+                model, step = load_ema_model(run_dir, cfg, data, schedule, device)
+                note = training_note(run_dir, step)
+                if note and console is not None:
+                    console.print(note, markup=False)
+            else:
+                model, step = load_snapshot_model(run_dir, cfg, data, schedule, device, snap), snap
+            say(console, f"sweeping {run_dir} (checkpoint step {step}) at s = "
+                          f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
+            run_sweep(cfg, run_dir, data, model, step, device, console, hub=hub)
     return 0
 
 

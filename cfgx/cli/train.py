@@ -23,6 +23,7 @@ from cfgx.config import check_group_choices, compose, config_dir, config_hash, n
 from cfgx.data import build_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
+from cfgx.loggers.hub import LoggerHub
 from cfgx.store.atomic import atomic_write_json
 from cfgx.store.locks import run_lock
 from cfgx.store.rundir import find_resumable, new_run_dir, provenance, read_meta, resolve_run
@@ -114,8 +115,12 @@ def _job_tag() -> str:
     return ""
 
 
-def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None, console=None) -> Path:
-    """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir."""
+def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None, console=None,
+               hub: LoggerHub | None = None) -> Path:
+    """Everything ``cfgx train`` does for one config: train (or resume), then sweep. Returns the run dir.
+
+    ``hub``: the experiment loggers (default: those ``cfg.logger`` names, rank 0 only).
+    """
     # why: cfgx.sweep.loop loads the metrics stack (~3 s), so cfgx train's argument errors stay fast
     from cfgx.sweep.loop import run_sweep
 
@@ -144,19 +149,20 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
 
     run_dir = Path(distributed.on_main(create_and_lock))
     lock = held[0] if held else None
-    try:
-        result = train(cfg, data, run_dir, device, on_step=on_step, console=console)
-        if distributed.is_main():
-            meta = read_meta(run_dir)
-            meta.update({"train_finished": True, "checkpoint_step": result.step,
-                         "train_img_per_s": round(result.img_per_s, 1),
-                         "train_seconds_last_call": round(result.seconds, 2),
-                         "train_processes": distributed.world_size()})
-            atomic_write_json(run_dir / "meta.json", meta)
-    finally:
-        if lock is not None:
-            lock.release()
-    run_sweep(cfg, run_dir, data, result.model, result.step, device, console)
+    with (LoggerHub.from_config(cfg, job="train") if hub is None else hub).start(run_dir, cfg) as hub:
+        try:
+            result = train(cfg, data, run_dir, device, on_step=on_step, console=console, hub=hub)
+            if distributed.is_main():
+                meta = read_meta(run_dir)
+                meta.update({"train_finished": True, "checkpoint_step": result.step,
+                             "train_img_per_s": round(result.img_per_s, 1),
+                             "train_seconds_last_call": round(result.seconds, 2),
+                             "train_processes": distributed.world_size()})
+                atomic_write_json(run_dir / "meta.json", meta)
+        finally:
+            if lock is not None:
+                lock.release()
+        run_sweep(cfg, run_dir, data, result.model, result.step, device, console, hub=hub)
     return run_dir
 
 

@@ -27,6 +27,7 @@ from cfgx.data import DatasetBundle
 from cfgx.diffusion.guidance import Prepared, RuleEnv
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.loggers.hub import LoggerHub
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report.grids import save_grid, save_side_by_side
 from cfgx.report.plots import plot_run
@@ -76,9 +77,10 @@ class Sweeper:
     """Samples, featurises and scores one run at many scales; holds what all scales share."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.nn.Module,
-                 ckpt_step: int, device: torch.device, console=None) -> None:
+                 ckpt_step: int, device: torch.device, console=None, hub: LoggerHub | None = None) -> None:
         self.cfg, self.run_dir, self.data, self.model = cfg, Path(run_dir), data, model
         self.ckpt_step, self.device, self.console = ckpt_step, device, console
+        self.hub = hub if hub is not None else LoggerHub()  # experiment loggers: rows and images (rank 0)
         self.opt = SweepSettings.from_config(cfg)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.sampler = build_sampler(cfg.sampler.name, self.schedule, int(cfg.sampler.steps),
@@ -115,19 +117,25 @@ class Sweeper:
                 say(self.console, f"guidance {p.rule.label}")
             grids: dict[str, dict[str, torch.Tensor]] = {}
             for s in scales:
+                n_done = len(out_rows)
                 plan = distributed.on_main(lambda s=s, p=p, done=out_rows: self._plan(p, s, done))
                 if plan == STOP:
                     return None
                 out_rows += self._run_plan(p, plan, grids)
+                for row in out_rows[n_done:]:  # this scale's rows, new or already in the table
+                    self.hub.log_row(row)
             if distributed.is_main():
-                self._save_side_by_side(p, grids)
+                for path in self._save_side_by_side(p, grids):
+                    self.hub.log_image(path, self.ckpt_step)
         if not distributed.is_main():
             return None
         release_all(self.rows_dir)
         with locked(self.run_dir / "sweep" / ".tables.lock"):  # the last writer must see every row
             all_rows = load_rows(self.run_dir, self.console)  # every sweep of this run, not just this one
             write_tables(all_rows, self.run_dir)
-            plot_run(all_rows, self.run_dir)
+            figures = plot_run(all_rows, self.run_dir)
+        for path in figures:
+            self.hub.log_image(path, self.ckpt_step)
         return out_rows
 
     def _key(self, p: Prepared, variant: str, s: float, metrics: str = "") -> RowKey:
@@ -292,22 +300,25 @@ class Sweeper:
                               "is biased and not comparable with published numbers; raise eval.num_samples (50k is "
                               "standard)")
 
-    def _save_side_by_side(self, p: Prepared, grids: dict[str, dict[str, torch.Tensor]]) -> None:
+    def _save_side_by_side(self, p: Prepared, grids: dict[str, dict[str, torch.Tensor]]) -> list[Path]:
         label = p.rule.label
+        paths = []
         for v, g in grids.items():
             title = (f"{self.data.name}: {label} guidance, same seeds at every scale; rows are classes"
                      + ("" if v == "none" else f"; postprocess={v}"))
             # Plain CFG keeps samples.png; each other rule gets its own file beside it.
             stem = "samples" + ("" if label == "cfg" else f"_{label.replace('@', '_')}")
-            save_side_by_side(g, self.run_dir / (f"{stem}.png" if v == "none" else f"{stem}_{v}.png"), title)
+            paths.append(self.run_dir / (f"{stem}.png" if v == "none" else f"{stem}_{v}.png"))
+            save_side_by_side(g, paths[-1], title)
+        return paths
 
 
 def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.nn.Module, ckpt_step: int,
-              device: torch.device, console=None) -> list[dict[str, Any]]:
+              device: torch.device, console=None, hub: LoggerHub | None = None) -> list[dict[str, Any]]:
     """Evaluate ``model`` at every scale in ``cfg.guidance.scales`` (every rank calls this); returns this
-    sweep's rows on rank 0, [] elsewhere."""
+    sweep's rows on rank 0, [] elsewhere. ``hub`` (started by the caller) gets every row and image."""
     t0 = time.perf_counter()
-    sweeper = Sweeper(cfg, run_dir, data, model, ckpt_step, device, console)
+    sweeper = Sweeper(cfg, run_dir, data, model, ckpt_step, device, console, hub)
     try:
         rows = sweeper.run([float(v) for v in cfg.guidance.scales])
     except BaseException as e:
