@@ -84,7 +84,8 @@ def describe(cfg: DictConfig, data: DatasetBundle, meta: dict[str, Any], step: i
         "guidance": GUIDANCE,
         "cond_drop": OmegaConf.select(cfg, "cond_drop.p"),
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
-        "source": {"run": str(run_dir), "config_hash": meta.get("config_hash"), "checkpoint_step": int(step),
+        "source": {"run": str(Path(run_dir).resolve()), "config_hash": meta.get("config_hash"),
+                   "checkpoint_step": int(step),
                    "train_finished": bool(meta.get("train_finished", False)), "seed": OmegaConf.select(cfg, "seed")},
         "tensors": n_tensors, "parameters": count_parameters(model),
     }
