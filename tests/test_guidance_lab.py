@@ -15,6 +15,7 @@ import torch
 from cfgx.backbones.exact import ExactDenoiser
 from cfgx.data.gmm import gmm1d, gmm2d
 from cfgx.diffusion.guidance import (
+    GuidanceRule,
     apg_eps,
     cfg_zero_star_eps,
     edm_sigma,
@@ -30,7 +31,7 @@ from cfgx.sample import generate
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def GuidanceSpec(name: str, schedule: str = "constant", options: dict | None = None):  # noqa: N802
+def _rule(name: str, schedule: str = "constant", options: dict | None = None) -> GuidanceRule:
     # These tests hand autoguidance its guide model themselves: its load option is not checked.
     return get_rule(name)(options or {}, schedule, check="guide" not in (options or {}))
 
@@ -43,7 +44,7 @@ def _mixture(name: str):
     return gmm1d(mu=0.5, std=0.05) if name == "gmm1d" else gmm2d(num_classes=3, components_per_class=2, std=0.25)
 
 
-def _draw(name: str, spec: GuidanceSpec | str, scale: float, sampler: str = "ddim", steps: int = 20,
+def _draw(name: str, spec: GuidanceRule | str, scale: float, sampler: str = "ddim", steps: int = 20,
           guide=None):
     mix = _mixture(name)
     model = ExactDenoiser(mix, SCHEDULE)
@@ -65,15 +66,15 @@ SCALES = [0.0, 1.0, 2.5, 5.0]
 def test_interval_covering_every_step_is_cfg_and_empty_interval_is_conditional(toy):
     for s in SCALES:
         cfg = _draw(toy, "cfg", s)
-        everywhere = _draw(toy, GuidanceSpec("interval", options={"sigma": [0.0, None]}), s)
+        everywhere = _draw(toy, _rule("interval", options={"sigma": [0.0, None]}), s)
         assert torch.equal(everywhere.x, cfg.x) and everywhere.nfe == cfg.nfe
         # No step has sigma in [1e6, 2e6]: conditional alone, at one evaluation per step.
-        nowhere = _draw(toy, GuidanceSpec("interval", options={"sigma": [1e6, 2e6]}), s)
+        nowhere = _draw(toy, _rule("interval", options={"sigma": [1e6, 2e6]}), s)
         assert torch.equal(nowhere.x, _draw(toy, "cfg", 1.0).x) and nowhere.nfe == 20
     # A real interval: nfe counts the guided steps only, and the samples are neither CFG nor s = 1.
     sig = [edm_sigma(float(SCHEDULE.alpha_bars[t])) for t in build_sampler("ddim", SCHEDULE, 20).timesteps]
     inside = sum(0.28 <= v <= 5.42 for v in sig)
-    mid = _draw(toy, GuidanceSpec("interval", options={"sigma": [0.28, 5.42]}), 3.0)
+    mid = _draw(toy, _rule("interval", options={"sigma": [0.28, 5.42]}), 3.0)
     assert 0 < inside < 20 and mid.nfe == 20 + inside
     assert not torch.allclose(mid.x, _draw(toy, "cfg", 3.0).x)
 
@@ -82,8 +83,8 @@ def test_interval_covering_every_step_is_cfg_and_empty_interval_is_conditional(t
 @pytest.mark.parametrize("space", ["x0", "eps"])
 def test_rescale_phi0_is_cfg(toy, space):
     for s in SCALES:
-        _close(_draw(toy, GuidanceSpec("rescale", options={"phi": 0.0, "space": space}), s).x, _draw(toy, "cfg", s).x)
-    on = _draw(toy, GuidanceSpec("rescale", options={"phi": 0.7, "space": space}), 5.0).x
+        _close(_draw(toy, _rule("rescale", options={"phi": 0.0, "space": space}), s).x, _draw(toy, "cfg", s).x)
+    on = _draw(toy, _rule("rescale", options={"phi": 0.7, "space": space}), 5.0).x
     if toy == "gmm1d":  # a one-number sample has std 0: rescaling is the identity there
         assert torch.equal(on, _draw(toy, "cfg", 5.0).x)
     else:
@@ -94,10 +95,10 @@ def test_rescale_phi0_is_cfg(toy, space):
 def test_apg_eta1_without_momentum_or_cap_is_cfg(toy):
     plain = {"eta": 1.0, "momentum": 0.0, "norm_threshold": None}
     for s in SCALES:
-        _close(_draw(toy, GuidanceSpec("apg", options=plain), s).x, _draw(toy, "cfg", s).x)
+        _close(_draw(toy, _rule("apg", options=plain), s).x, _draw(toy, "cfg", s).x)
     cfg5 = _draw(toy, "cfg", 5.0).x
     for change in ({"eta": 0.0}, {"momentum": -0.5}, {"norm_threshold": 0.05}):
-        assert (_draw(toy, GuidanceSpec("apg", options={**plain, **change}), 5.0).x - cfg5).abs().max() > 1e-4
+        assert (_draw(toy, _rule("apg", options={**plain, **change}), 5.0).x - cfg5).abs().max() > 1e-4
 
 
 def test_apg_matches_the_papers_algorithm_step_by_step():
@@ -137,14 +138,14 @@ def test_rescale_matches_the_papers_formula():
 
 @pytest.mark.parametrize("toy", TOYS)
 def test_cfgpp_lambda0_is_unconditional_ddim_and_ddpm_is_refused(toy):
-    zero = _draw(toy, GuidanceSpec("cfgpp", options={"s_at_lambda1": 12.5}), 0.0)
+    zero = _draw(toy, _rule("cfgpp", options={"s_at_lambda1": 12.5}), 0.0)
     base = _draw(toy, "cfg", 0.0)
     _close(zero.x, base.x)
     assert zero.nfe == base.nfe == 20
-    guided = _draw(toy, GuidanceSpec("cfgpp", options={"s_at_lambda1": 12.5}), 6.0)
+    guided = _draw(toy, _rule("cfgpp", options={"s_at_lambda1": 12.5}), 6.0)
     assert guided.nfe == 40 and (guided.x - base.x).abs().max() > 1e-3
     with pytest.raises(CfgxError, match="defined for ddim only"):
-        _draw(toy, GuidanceSpec("cfgpp", options={"s_at_lambda1": 12.5}), 6.0, sampler="ddpm")
+        _draw(toy, _rule("cfgpp", options={"s_at_lambda1": 12.5}), 6.0, sampler="ddpm")
 
 
 @pytest.mark.parametrize("toy", TOYS)
@@ -152,27 +153,27 @@ def test_autoguidance_with_the_model_itself_is_conditional_at_every_scale(toy):
     cond = _draw(toy, "cfg", 1.0)
     itself = ExactDenoiser(_mixture(toy), SCHEDULE)
     for s in SCALES:
-        got = _draw(toy, GuidanceSpec("autoguidance", options={"guide": "self"}), s, guide=itself)
+        got = _draw(toy, _rule("autoguidance", options={"guide": "self"}), s, guide=itself)
         assert torch.equal(got.x, cond.x)
         assert got.nfe == (20 if s in (0.0, 1.0) else 40)
     # A genuinely worse guide (a broader mixture) changes the samples.
     mix = _mixture(toy)
     bad = ExactDenoiser(type(mix)(means=mix.means, stds=mix.stds * 3, weights=mix.weights,
                                   component_class=mix.component_class, num_classes=mix.num_classes), SCHEDULE)
-    other = _draw(toy, GuidanceSpec("autoguidance", options={"guide": "broad"}), 3.0, guide=bad)
+    other = _draw(toy, _rule("autoguidance", options={"guide": "broad"}), 3.0, guide=bad)
     assert (other.x - cond.x).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("toy", TOYS)
 def test_constant_schedule_is_cfg_and_schedules_average_to_s(toy):
     for s in SCALES:
-        assert torch.equal(_draw(toy, GuidanceSpec("cfg", "constant"), s).x, _draw(toy, "cfg", s).x)
+        assert torch.equal(_draw(toy, _rule("cfg", "constant"), s).x, _draw(toy, "cfg", s).x)
         for kind in ("linear", "cosine"):
             for n in (2, 7, 20, 25):
                 w = [scheduled_scale(kind, s, i, n) for i in range(n)]
                 assert abs(sum(w) / n - s) < 1e-12
                 assert all(b >= a - 1e-12 for a, b in zip(w, w[1:]))  # increasing: low at high noise
-    lin = _draw(toy, GuidanceSpec("cfg", "linear"), 3.0).x
+    lin = _draw(toy, _rule("cfg", "linear"), 3.0).x
     assert (lin - _draw(toy, "cfg", 3.0).x).abs().max() > 1e-3
 
 
@@ -191,10 +192,10 @@ def test_paired_seeds_hold_for_every_rule():
     mix = _mixture("gmm2d")
     model = ExactDenoiser(mix, SCHEDULE)
     labels = torch.arange(N) % mix.num_classes
-    specs = [GuidanceSpec("cfg"), GuidanceSpec("interval", options={"sigma": [0.0, None]}),
-             GuidanceSpec("rescale", options={"phi": 0.0, "space": "x0"}),
-             GuidanceSpec("apg", options={"eta": 1.0, "momentum": 0.0, "norm_threshold": None}),
-             GuidanceSpec("autoguidance", options={"guide": "self"})]
+    specs = [_rule("cfg"), _rule("interval", options={"sigma": [0.0, None]}),
+             _rule("rescale", options={"phi": 0.0, "space": "x0"}),
+             _rule("apg", options={"eta": 1.0, "momentum": 0.0, "norm_threshold": None}),
+             _rule("autoguidance", options={"guide": "self"})]
     outs = []
     for spec in specs:
         smp = build_sampler("ddim", SCHEDULE, 10, eta=1.0, clip_x0=None)
