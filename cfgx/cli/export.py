@@ -12,7 +12,7 @@ from cfgx.config import compose
 from cfgx.data import build_dataset
 from cfgx.errors import CfgxError
 from cfgx.store.export import INFO, WEIGHTS, export_run, safetensors_torch
-from cfgx.store.rundir import load_run_config, read_meta, resolve_run
+from cfgx.store.rundir import default_run_line, load_run_config, read_meta, resolve_run
 
 OPTIONS = ("run", "out", "paths.runs")
 
@@ -33,12 +33,14 @@ def cmd_export(args: list[str]) -> int:
     safetensors_torch()  # a missing package is one line before any work
     runs_root = opts.get("paths.runs") or str(compose([]).paths.runs)
     run_dir = resolve_run(opts.get("run") or None, Path(runs_root))
+    console = make_console()
+    if not opts.get("run"):
+        console.print(default_run_line("exporting", run_dir), markup=False, soft_wrap=True)
     cfg = OmegaConf.create(load_run_config(run_dir))
     meta = read_meta(run_dir)
     out = Path(opts["out"]).expanduser() if opts.get("out") else run_dir / "export"
     data = build_dataset(cfg.dataset)
     info = export_run(run_dir, cfg, data, meta, out)
-    console = make_console()
     note = training_note(run_dir, info["source"]["checkpoint_step"])
     if note:
         console.print(note, markup=False)

@@ -23,11 +23,14 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.loggers.hub import LoggerHub
 from cfgx.postprocess.flow import ignored_settings
 from cfgx.store.checkpoints import load_ema_model, load_snapshot_model, parse_checkpoints
-from cfgx.store.rundir import load_run_config, resolve_run
+from cfgx.store.rundir import default_run_line, load_run_config, resolve_run
 
 
-def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
-    """The run's saved config with the user's evaluation overrides on top, and the run dir."""
+def sweep_config(args: list[str], verb: str = "sweeping") -> tuple[DictConfig, Path]:
+    """The run's saved config with the user's evaluation overrides on top, and the run dir.
+
+    Without run=PATH the run is the newest finished one, and a line (``verb`` ...) names it.
+    """
     overrides = normalize_overrides(args)
     run_arg = None
     rest = []
@@ -39,6 +42,8 @@ def sweep_config(args: list[str]) -> tuple[DictConfig, Path]:
     check_eval_overrides(rest)
     fresh = compose(rest)
     run_dir = resolve_run(run_arg, Path(str(fresh.paths.runs)))
+    if run_arg is None and distributed.is_main():
+        make_console().print(default_run_line(verb, run_dir), markup=False, soft_wrap=True)
     cfg = merge_eval_overrides(OmegaConf.create(load_run_config(run_dir)), rest, fresh)
     cfg.run = str(run_dir)
     validate(cfg)
@@ -54,7 +59,8 @@ def cmd_sweep(args: list[str]) -> int:
     cfg, run_dir = sweep_config(rest)
     nproc = int(OmegaConf.select(cfg, "launcher.nproc", default=1))
     if nproc > 1 and distributed.launched_world() == 1:
-        return distributed.relaunch(nproc, ["sweep", *args])
+        # The ranks sweep the run picked here (the last run= wins), even if a newer one finishes meanwhile.
+        return distributed.relaunch(nproc, ["sweep", *args, f"run={run_dir}"])
     device = distributed.setup_from_config(cfg)
     console = make_console() if distributed.is_main() else None
     if cfg.postprocess.name != "none" and console is not None:

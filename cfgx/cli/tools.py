@@ -77,15 +77,15 @@ def cmd_toy(args: list[str]) -> int:
 # ---------------------------------------------------------------- guidance classifier, postprocessor
 
 
-def _load_run(args: list[str], extra: list[str] | None = None):
-    cfg, run_dir = sweep_config(args + (extra or []))
+def _load_run(args: list[str], verb: str, extra: list[str] | None = None):
+    cfg, run_dir = sweep_config(args + (extra or []), verb)
     device = pick_device(str(cfg.device))
     data = build_dataset(cfg.dataset)
     return cfg, run_dir, device, data, NoiseSchedule.from_config(cfg.diffusion)
 
 
 def cmd_train_classifier(args: list[str]) -> int:
-    cfg, run_dir, device, data, schedule = _load_run(args)
+    cfg, run_dir, device, data, schedule = _load_run(args, "training the guidance classifier of")
     console = make_console()
     options = get_rule("classifier")(rule_block(cfg, "classifier")).training_options()
     _, info = get_guidance_classifier(run_dir, data, schedule, device, options, console)
@@ -96,7 +96,7 @@ def cmd_train_classifier(args: list[str]) -> int:
 
 def cmd_postprocess(args: list[str]) -> int:
     extra = [] if selects(normalize_overrides(args), "postprocess") else ["postprocess=flow"]
-    cfg, run_dir, device, data, schedule = _load_run(args, extra)
+    cfg, run_dir, device, data, schedule = _load_run(args, "postprocessing", extra)
     if cfg.postprocess.name == "none":
         raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")
     console = make_console()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -25,7 +28,7 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.loggers.hub import LoggerHub
 from cfgx.store.atomic import atomic_write_json
-from cfgx.store.locks import run_lock
+from cfgx.store.locks import acquire, holder, run_lock
 from cfgx.store.rundir import find_resumable, new_run_dir, provenance, read_meta, resolve_run
 from cfgx.train import train
 
@@ -129,41 +132,90 @@ def train_task(cfg: DictConfig, overrides: list[str] | None = None, on_step=None
     console = (console or make_console()) if distributed.is_main() else None  # one voice: rank 0
     with distributed.main_first():  # a download happens once, the other ranks then read its files
         data = build_dataset(cfg.dataset)
-    if cfg.backbone.name != "exact":
-        check_label_dependence(build_backbone(cfg.backbone, data, NoiseSchedule.from_config(cfg.diffusion)),
-                               data.shape, device)
     h = config_hash(cfg)
     overrides = overrides if overrides is not None else _job_overrides()
+    # Rank 0 takes this config's start lock before the minutes of checks below, and holds it until training
+    # ends: a second identical 'cfgx train' started meanwhile is refused at once instead of training too.
+    with _start_guard(cfg, data.name, h) as held:
+        if cfg.backbone.name != "exact":
+            check_label_dependence(build_backbone(cfg.backbone, data, NoiseSchedule.from_config(cfg.diffusion)),
+                                   data.shape, device)
 
-    # Rank 0 alone finds the run to resume, or creates one, and locks it; every rank then trains that
-    # one (or fails alike). What the sweep will need is checked before a run dir is made, on every
-    # rank, because building the evaluation side is collective under torchrun.
-    found = distributed.on_main(lambda: _find_run_dir(cfg, data, h))
-    check_before_training(cfg, data, device, None if found is None else Path(found), console)
-    held: list = []
+        # Rank 0 alone finds the run to resume, or creates one, and locks it; every rank then trains that
+        # one (or fails alike). What the sweep will need is checked before a run dir is made, on every
+        # rank, because building the evaluation side is collective under torchrun.
+        found = distributed.on_main(lambda: _find_run_dir(cfg, data, h))
+        check_before_training(cfg, data, device, None if found is None else Path(found), console)
 
-    def create_and_lock() -> str:
-        run_dir = Path(found) if found is not None else _new_run_dir(cfg, data, h, overrides, device, console)
-        held.append(run_lock(run_dir))  # a second identical 'cfgx train' finds this run and must not train it too
-        return str(run_dir)
+        def create_and_lock() -> str:
+            run_dir = Path(found) if found is not None else _new_run_dir(cfg, data, h, overrides, device, console)
+            held.append(run_lock(run_dir))  # a second identical 'cfgx train' finds this run and must not train it too
+            return str(run_dir)
 
-    run_dir = Path(distributed.on_main(create_and_lock))
-    lock = held[0] if held else None
-    with (LoggerHub.from_config(cfg, job="train") if hub is None else hub).start(run_dir, cfg) as hub:
-        try:
-            result = train(cfg, data, run_dir, device, on_step=on_step, console=console, hub=hub)
-            if distributed.is_main():
-                meta = read_meta(run_dir)
-                meta.update({"train_finished": True, "checkpoint_step": result.step,
-                             "train_img_per_s": round(result.img_per_s, 1),
-                             "train_seconds_last_call": round(result.seconds, 2),
-                             "train_processes": distributed.world_size()})
-                atomic_write_json(run_dir / "meta.json", meta)
-        finally:
-            if lock is not None:
-                lock.release()
-        run_sweep(cfg, run_dir, data, result.model, result.step, device, console, hub=hub)
+        run_dir = Path(distributed.on_main(create_and_lock))
+        with (LoggerHub.from_config(cfg, job="train") if hub is None else hub).start(run_dir, cfg) as hub:
+            try:
+                result = train(cfg, data, run_dir, device, on_step=on_step, console=console, hub=hub)
+                if distributed.is_main():
+                    meta = read_meta(run_dir)
+                    meta.update({"train_finished": True, "checkpoint_step": result.step,
+                                 "train_img_per_s": round(result.img_per_s, 1),
+                                 "train_seconds_last_call": round(result.seconds, 2),
+                                 "train_processes": distributed.world_size()})
+                    atomic_write_json(run_dir / "meta.json", meta)
+            finally:
+                _release(held)
+            run_sweep(cfg, run_dir, data, result.model, result.step, device, console, hub=hub)
     return run_dir
+
+
+def _start_lock(cfg: DictConfig, dataset: str, h: str):
+    """The lock ``<runs>/<dataset>/.train-<config hash>.lock``, or a one-line error naming its holder.
+
+    None with train.resume=false and no run=: that asks for a separate run, which may train beside another.
+    """
+    if not cfg.train.resume and not cfg.run:
+        return None
+    path = Path(str(cfg.paths.runs)) / dataset / f".train-{h}.lock"
+    lock = acquire(path, wait=False)
+    if lock is None:
+        raise CfgxError(f"an identical 'cfgx train' is already running ({holder(path) or 'another process'}); wait "
+                        "for it to finish (its sweep follows), or pass train.resume=false to train a separate run")
+    return lock
+
+
+@contextmanager
+def _start_guard(cfg: DictConfig, dataset: str, h: str) -> Iterator[list]:
+    """Rank 0 holds the start lock (``_start_lock``) for the block; the block appends the run-dir lock.
+
+    Every lock in the yielded list is released on leaving (and may be released before, ``_release``); the
+    folders made only for the lock file are removed again when no run dir went into them.
+    """
+    held: list = []
+    runs_root = Path(str(cfg.paths.runs))
+    made: list[Path] = []
+
+    def start() -> None:
+        made.extend(d for d in (runs_root / dataset, runs_root) if not d.exists())
+        held.append(_start_lock(cfg, dataset, h))
+
+    distributed.on_main(start)
+    try:
+        yield held
+    finally:
+        _release(held)
+        for d in made:
+            try:
+                os.rmdir(d)  # an empty folder only: a run dir in it keeps it
+            except OSError:
+                pass
+
+
+def _release(locks: list) -> None:
+    for lock in reversed(locks):
+        if lock is not None:
+            lock.release()
+    locks.clear()
 
 
 def _find_run_dir(cfg: DictConfig, data, h: str) -> str | None:

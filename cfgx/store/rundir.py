@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 import cfgx
 from cfgx.errors import CfgxError, disk_error
 from cfgx.store.atomic import atomic_write_text, current_umask
+from cfgx.store.locks import holder
 
 CKPT_NAME = "last.pt"
 
@@ -83,7 +84,11 @@ def list_runs(runs_root: Path) -> list[Path]:
 
 
 def resolve_run(run: str | None, runs_root: Path) -> Path:
-    """The run named by ``run=PATH``, or the newest run under ``runs_root``."""
+    """The run named by ``run=PATH``, or the newest *finished* run under ``runs_root``.
+
+    A crash or a kill leaves an unfinished run dir behind; it is never a default target
+    (name it with run=PATH to evaluate its last checkpoint anyway).
+    """
     if run:
         path = Path(run).expanduser()
         if not is_run_dir(path):
@@ -94,7 +99,29 @@ def resolve_run(run: str | None, runs_root: Path) -> Path:
     if not runs:
         raise CfgxError(f"no runs found under {runs_root}/; train one first with 'cfgx train' or pass "
                         "run=PATH")
-    return runs[-1]
+    finished = [r for r in runs if is_finished(r)]
+    if finished:
+        return finished[-1]
+    newest = runs[-1]
+    who = holder(newest / ".train.lock")
+    if who is not None:
+        raise CfgxError(f"no finished run under {runs_root}/: the newest, {newest}, is still being trained ({who}); "
+                        f"wait for it to finish, or pass run={newest} to use its last checkpoint now")
+    raise CfgxError(f"no finished run under {runs_root}/: the newest, {newest}, stopped before training finished; "
+                    f"finish it by re-running the same 'cfgx train', or pass run={newest} to use it as it is")
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s training finished (meta.json says so); a damaged meta.json counts as unfinished."""
+    try:
+        return bool(read_meta(run_dir).get("train_finished", False))
+    except CfgxError:
+        return False
+
+
+def default_run_line(verb: str, run_dir: Path) -> str:
+    """The line a command prints when it picked its run itself (no run=PATH)."""
+    return f"{verb} the newest finished run {run_dir} (pass run=PATH for another)"
 
 
 def load_run_config(run_dir: Path) -> dict:
