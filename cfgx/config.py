@@ -200,6 +200,9 @@ def merge_eval_overrides(saved: DictConfig, overrides: list[str], fresh: DictCon
         path = override_key(o)
         if "." in path and path.split(".")[0] in EVAL_KEYS:
             OmegaConf.update(merged, path, OmegaConf.select(fresh, path), merge=False, force_add=True)
+    # The cache belongs to whoever runs cfgx (CFGX_CACHE or paths.cache= on their command line), never to
+    # the run dir: a copied or downloaded run's config.yaml must not pick where cfgx reads and writes.
+    OmegaConf.update(merged, "paths.cache", OmegaConf.select(fresh, "paths.cache"), merge=False, force_add=True)
     return merged
 
 

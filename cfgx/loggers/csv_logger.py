@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cfgx.loggers.base import Logger
+from cfgx.store.atomic import AppendLog, atomic_write_text
 
 
 class CsvLogger(Logger):
@@ -22,16 +23,15 @@ class CsvLogger(Logger):
     def log_config(self, config: dict[str, Any], run_dir: Path) -> None:
         self.dir = self.out_dir(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / f"config_{self.job}.json").write_text(
-            json.dumps({"run_dir": str(Path(run_dir).resolve()), "config": config}, indent=2, default=str) + "\n")
+        atomic_write_text(self.dir / f"config_{self.job}.json",  # replaces a link there, never writes through it
+                          json.dumps({"run_dir": str(Path(run_dir).resolve()), "config": config}, indent=2,
+                                     default=str) + "\n")
         self.metrics = self._open("metrics.csv", ["time", "job", "step", "key", "value"])
         self.images = self._open("images.csv", ["time", "job", "step", "name", "path"])
 
     def _open(self, name: str, header: list[str]):
-        path = self.dir / name
-        new = not path.is_file() or path.stat().st_size == 0
-        f = path.open("a", newline="")
-        if new:
+        f = AppendLog(self.dir / name, newline="")  # a symlink or non-regular file there: refused in one line
+        if f.new:
             csv.writer(f).writerow(header)
         return f
 

@@ -2,10 +2,18 @@
 
 A reader (or a crash, or a full disk) never sees a half-written file, and a disk error
 is one line naming the file. Every file cfgx keeps goes through here.
+
+No write follows a symlink: a run dir may come from anywhere (a download, a colleague's copy), so
+a link planted at one of its paths must never make cfgx write outside it. Atomic writes create
+their temporary file with O_CREAT|O_EXCL|O_NOFOLLOW (mkstemp) and ``os.replace`` it over the
+destination, which replaces a link there rather than its target; files written in place (locks,
+logs: ``open_owned``) are opened with O_NOFOLLOW and must be regular files with one link, else
+one line naming the path and the fix (delete it).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,6 +24,7 @@ from typing import Any
 import torch
 
 from cfgx.errors import DISK_ERRNOS, disk_error
+from cfgx.store.owned import open_owned, unsafe_path_error
 
 
 def current_umask() -> int:
@@ -47,6 +56,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             raise disk_error(path, e) from None
+        if isinstance(e, OSError) and e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise unsafe_path_error(path, "is a folder, not a file") from None
         raise
 
 
@@ -81,12 +92,18 @@ def atomic_save_image(grid: torch.Tensor, path: Path) -> None:
 
 
 class AppendLog:
-    """A line log opened for appending whose disk errors name the file (``write``/``flush``/``close``)."""
+    """A line log opened for appending whose disk errors name the file (``write``/``flush``/``close``).
 
-    def __init__(self, path: Path) -> None:
+    Opened through ``open_owned``: a symlink or a non-regular file at ``path`` is refused in one line.
+    ``new``: the file was empty when opened (a header goes first).
+    """
+
+    def __init__(self, path: Path, newline: str | None = None) -> None:
         self.path = Path(path)
         try:
-            self._f = open(self.path, "a")
+            fd, _ = open_owned(self.path, os.O_WRONLY | os.O_APPEND)
+            self.new = os.fstat(fd).st_size == 0
+            self._f = os.fdopen(fd, "a", newline=newline)
         except OSError as e:
             raise disk_error(self.path, e) from None
 

@@ -7,6 +7,10 @@ is alive, which a PID on another host would not even allow). The file's content,
 "pid N on HOST since TIME", is only for messages. Holders unlink the file on release;
 an acquirer that finds its inode unlinked meanwhile retries on the new file.
 
+A lock file is opened without following a symlink and must be a regular file with one link
+(``open_owned``); the stamp is written only once the lock is held. A link planted at a lock path
+(a downloaded run dir) is refused in one line, never written through.
+
 Locks are held per process and re-entrant: asking again for a lock this process
 already holds returns the same handle, so an error path that skipped a release can
 never deadlock the process against itself.
@@ -18,6 +22,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from cfgx.console import say
 from cfgx.errors import CfgxError, disk_error
+from cfgx.store.owned import NOFOLLOW, NONBLOCK, open_owned
 
 _HELD: dict[str, FileLock] = {}
 
@@ -40,7 +46,7 @@ class FileLock:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd, _ = open_owned(self.path, os.O_RDWR)  # a symlink or non-regular file there: one line
             except OSError as e:
                 raise disk_error(self.path, e) from None
             try:
@@ -49,10 +55,12 @@ class FileLock:
                 os.close(fd)
                 return False
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                st = os.fstat(fd)
+                same = os.lstat(self.path).st_ino == st.st_ino and st.st_nlink == 1
             except FileNotFoundError:
                 same = False
-            if not same:  # the previous holder unlinked it between our open and flock: lock the new one
+            if not same:  # the previous holder unlinked it between our open and flock (or it was swapped,
+                # or hard-linked meanwhile): lock the new one, which open_owned checks again
                 os.close(fd)
                 continue
             stamp = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
@@ -82,10 +90,12 @@ class FileLock:
 def holder(path: Path) -> str | None:
     """Who holds the lock at ``path`` ("pid N on HOST since T"), or None when nobody does (or it is stale)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | NONBLOCK | os.O_CLOEXEC)  # never through a link or FIFO
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
