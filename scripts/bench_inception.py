@@ -27,9 +27,11 @@ from cfgx.metrics.inception import (
     INCEPTION_NAME,
     INCEPTION_WEIGHTS_FILENAME,
     FeatureExtractor,
+    _fidelity_inception,
     resolve_weights_path,
     speed_up_for_inference,
 )
+from cfgx.store.safeload import safe_load
 
 
 class _RandomInitInception(FeatureExtractorInceptionV3):
@@ -57,12 +59,13 @@ def _find_weights(explicit: str | None) -> Path | None:
 
 def _torch_fidelity_net(weights: Path | None) -> FeatureExtractorInceptionV3:
     """torch-fidelity's network as it ships (BatchNorm unfolded, NCHW); random init without weights."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path, cls = weights, FeatureExtractorInceptionV3
-        if path is None:  # torch-fidelity always loads a state dict: hand it an empty one
-            path, cls = Path(tmp) / "empty.pth", _RandomInitInception
-            torch.save({}, path)
-        return cls(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)).eval()
+    if weights is not None:  # read once through the safe loader, never a path handed to torch-fidelity
+        return _fidelity_inception(safe_load(weights)).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity always loads a state dict: hand it an empty one
+        path = Path(tmp) / "empty.pth"
+        torch.save({}, path)
+        return _RandomInitInception(INCEPTION_NAME, ["2048", "logits_unbiased"],
+                                    feature_extractor_weights_path=str(path)).eval()
 
 
 def _extractor(weights: Path | None, device: str, batch: int) -> FeatureExtractor:

@@ -19,11 +19,12 @@ uint8 images ``[N, 3, H, W]`` and returns either ``pool`` ``[N, D]`` or a tuple
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -107,13 +108,18 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
     unless it changes.
     """
     p = Path(path).expanduser().resolve()
-    st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
+    with open(p, "rb") as f:
+        return _sha256_of_open(f, p)
+
+
+def _sha256_of_open(f: BinaryIO, path: str | os.PathLike[str]) -> str:
+    """``weights_sha256`` of the file open as ``f`` (cached by the open file's own mtime and size)."""
+    st = os.fstat(f.fileno())
+    key = (str(Path(path).expanduser().resolve()), st.st_mtime_ns, st.st_size)
     if key not in _SHA_CACHE:
         h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
         _SHA_CACHE[key] = h.hexdigest()[:12]
     return _SHA_CACHE[key]
 
@@ -121,26 +127,51 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
 # ----------------------------------------------------------------------------- networks
 
 
+def _fidelity_inception(state_dict: dict) -> nn.Module:
+    """torch-fidelity's FID Inception-v3 holding ``state_dict``: built without reading any file.
+
+    torch-fidelity's constructor always loads weights itself (``torch.load(path, weights_only=False)``,
+    or a download when the path is None). It is handed an in-memory placeholder instead (an empty
+    dict cfgx serialises itself, so it holds nothing but that dict), its own ``load_state_dict`` of
+    the placeholder is skipped, and the tensors cfgx read with ``safe_load`` are loaded strictly after.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class TensorsIn(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[override]
+            if not state_dict:  # torch-fidelity's call with the placeholder, inside its __init__
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    placeholder = io.BytesIO()
+    torch.save({}, placeholder)
+    placeholder.seek(0)
+    net = TensorsIn(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=placeholder)
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise CfgxError(f"expected a state dict of tensors, got {type(state_dict).__name__}")
+    net.load_state_dict(state_dict)
+    return net
+
+
 class InceptionV3FeatureNet(nn.Module):
     """torch-fidelity's FID Inception-v3, read out at pool3 and the unbiased logits in one pass."""
 
     def __init__(self, weights_path: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
-        # why: torch_fidelity loads torchvision (~1 s); only the real Inception net needs it, not stand-in nets
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         path = resolve_weights_path(weights_path)
         self.weights_path = path
+        # Read once, weights-only, and the tensors handed to the network: no path ever reaches
+        # torch-fidelity, which would re-open the file and unpickle it with weights_only=False.
         try:
-            # torch-fidelity unpickles the file with weights_only=False: prove it is plain tensors first.
-            safe_load(path, fix=f"replace it with a fresh download of {INCEPTION_WEIGHTS_URL}")
-            # Always hand torch-fidelity an explicit path: with None it would try to download.
-            self.model = FeatureExtractorInceptionV3(
-                INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
-            )
+            with open(path, "rb") as f:  # hashed and loaded from one open file: no swap in between
+                self.weights_hash = _sha256_of_open(f, path)
+                f.seek(0)
+                state_dict = safe_load(path, fix=f"replace it with a fresh download of {INCEPTION_WEIGHTS_URL}",
+                                       file=f)
+            self.model = _fidelity_inception(state_dict)
         except UnsafeFileError:
             raise
-        except Exception as exc:  # unpickling/shape errors of all kinds: the file is not the checkpoint
+        except Exception as exc:  # not a dict, missing keys, wrong shapes: the file is not the checkpoint
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CfgxError(
                 f"Inception weights at {path} could not be loaded ({first}): replace the file with a fresh "
@@ -302,7 +333,7 @@ class FeatureExtractor:
         return cls(
             net,
             name=INCEPTION_NAME,
-            weights_hash=weights_sha256(net.weights_path),
+            weights_hash=net.weights_hash,  # of the bytes loaded, not of whatever the path holds now
             device=device,
             batch_size=batch_size,
         )

@@ -9,7 +9,7 @@ get the network they sample with.
 
 ``train.snapshot_every=K`` keeps ``checkpoints/snapshots/ema_<step>.pt`` every K steps: the EMA
 weights as a plain state_dict of tensors and the step, nothing else (no optimizer, no RNG), so a
-snapshot is small and loads with ``torch.load(weights_only=True)``. They serve checkpoint sweeps
+snapshot is small and loads through ``safe_load`` like every other weights file. They serve checkpoint sweeps
 (``cfgx sweep checkpoint=all``: does the best s drift as training goes on?) and autoguidance's
 ``guide=step:N`` (an earlier, worse version of the same model).
 """
@@ -171,10 +171,10 @@ def load_snapshot_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, sch
         have = snapshot_steps(run_dir)
         raise CfgxError(f"{run_dir} has no snapshot at step {step}; snapshots: {', '.join(map(str, have)) or 'none'}"
                         " (train with train.snapshot_every=K to keep them)")
+    blob = safe_load(path, fix="delete it")  # a crafted or broken file: one line naming it
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
         net = ema_weights(build_backbone(cfg.backbone, data, schedule), blob["ema"])
-    except (KeyError, RuntimeError, EOFError) as e:
+    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
         raise CfgxError(f"snapshot {path} is unreadable or does not match the run's backbone "
                         f"({type(e).__name__}); delete it") from None
     return net.to(device).eval()
