@@ -51,7 +51,8 @@ def _random_inception_state() -> dict[str, torch.Tensor]:
 
 
 def test_inception_file_swapped_after_the_read_never_runs(tmp_path, monkeypatch):
-    """The file is swapped for a payload right after cfgx reads it: nothing re-opens it, features are the first file's."""
+    """The file is swapped for a payload right after cfgx reads it: nothing re-opens it; features are the
+    first file's."""
     weights, marker = tmp_path / "w.pth", tmp_path / "PWNED"
     state = _random_inception_state()
     torch.save(state, weights)
