@@ -135,6 +135,7 @@ def _fidelity_inception(state_dict: dict) -> nn.Module:
     dict cfgx serialises itself, so it holds nothing but that dict), its own ``load_state_dict`` of
     the placeholder is skipped, and the tensors cfgx read with ``safe_load`` are loaded strictly after.
     """
+    # why: torch_fidelity loads torchvision (~1 s); only the real Inception net needs it, not stand-in nets
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class TensorsIn(FeatureExtractorInceptionV3):
