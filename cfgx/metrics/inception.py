@@ -102,11 +102,7 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 def weights_sha256(path: str | os.PathLike[str]) -> str:
-    """First 12 hex chars of the file's SHA-256, for cache keys and provenance.
-
-    Cached per (path, mtime, size) so the ~100 MB file is hashed once per process
-    unless it changes.
-    """
+    """First 12 hex chars of the file's SHA-256 (cache keys, provenance); hashed once per (path, mtime, size)."""
     p = Path(path).expanduser().resolve()
     with open(p, "rb") as f:
         return _sha256_of_open(f, p)
