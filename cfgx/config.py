@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cfgx import schema
 from cfgx.errors import CfgxError
 from cfgx.loggers import check_loggers
 
@@ -219,7 +220,12 @@ def _num(cfg: DictConfig, key: str) -> float:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range/type checks that Hydra's struct mode does not do. Raises CfgxError."""
+    """Range/type checks that Hydra's struct mode does not do. Raises CfgxError.
+
+    The type of every key comes from cfgx/schema.py (derived from configs/); its ranges and cross-key rules
+    run after the checks below, whose messages are older.
+    """
+    schema.check_types(cfg, config_dir())
     for key in ("seed", "eval.seed"):
         v = OmegaConf.select(cfg, key)
         _require(isinstance(v, int) and not isinstance(v, bool), f"{key}={v!r} must be an integer; e.g. {key}=0")
@@ -270,6 +276,8 @@ def validate(cfg: DictConfig) -> None:
     nproc = OmegaConf.select(cfg, "launcher.nproc", default=1)
     _require(isinstance(nproc, int) and not isinstance(nproc, bool) and nproc >= 1,
              f"launcher.nproc={nproc!r} must be a positive integer (processes on this machine)")
+    schema.check_ranges(cfg)
+    schema.cross_checks(cfg)
     check_loggers(cfg)  # a logger whose package is missing: one line now, before any run dir or training
 
 
