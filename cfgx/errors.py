@@ -19,7 +19,8 @@ class CfgxError(Exception):
 
 
 # Errors of the filesystem rather than of cfgx: a full disk, a quota, permissions, a read-only mount.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# EFBIG: the process's file-size limit (ulimit -f; Python ignores SIGXFSZ, so the write fails instead).
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
 def disk_error(path: Path | str | None, e: OSError, verb: str = "write") -> CfgxError:
@@ -27,6 +28,8 @@ def disk_error(path: Path | str | None, e: OSError, verb: str = "write") -> Cfgx
     where = path or e.filename or "a file"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space (or point paths.runs / CFGX_CACHE at another disk) and re-run to resume"
+    elif e.errno == errno.EFBIG:
+        fix = "the file outgrew this process's file-size limit; raise it (ulimit -f unlimited) and re-run to resume"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "make it writable, or point paths.runs / CFGX_CACHE at a folder you can write"
     else:

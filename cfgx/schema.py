@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,21 @@ def check(cfg: DictConfig, root: Path) -> None:
     check_types(cfg, root)
     check_ranges(cfg)
     cross_checks(cfg)
+
+
+def check_output_dirs(overrides: list[str]) -> None:
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` given on the command line: a folder cfgx can create, checked
+    before Hydra makes it (an unwritable one is otherwise a traceback from inside Hydra)."""
+    for o in overrides:
+        key, eq, value = o.lstrip("+~").partition("=")
+        if not eq or key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
+            continue
+        target = Path(value).expanduser().absolute()
+        base = next(p for p in (target, *target.parents) if p.exists())
+        if not base.is_dir():
+            raise CfgxError(f"{key}={value}: {base} is a file, not a folder; pick a folder you can write")
+        try:  # a real probe: os.access says yes to root for /proc, where nothing can be created
+            tempfile.TemporaryDirectory(dir=base, prefix=".cfgx-probe-").cleanup()
+        except OSError as e:
+            raise CfgxError(f"{key}={value}: cannot create folders in {base} ({e.strerror}); pick a folder "
+                            "you can write") from None

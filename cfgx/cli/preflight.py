@@ -10,7 +10,6 @@ sweep after training loads it again at little cost.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from cfgx.console import say
 from cfgx.data import DatasetBundle
 from cfgx.errors import CfgxError
 from cfgx.store.locks import holder
+from cfgx.store.reader import try_json
 from cfgx.store.rundir import load_run_config, read_meta
 
 
@@ -45,10 +45,8 @@ def check_before_training(cfg: DictConfig, data: DatasetBundle, device: torch.de
 def _postprocessor_ready(run_dir: Path | None) -> bool:
     if run_dir is None:
         return False
-    try:
-        return bool(json.loads((Path(run_dir) / "postprocess" / "info.json").read_text()).get("finished"))
-    except (OSError, ValueError, AttributeError):
-        return False
+    info = try_json(Path(run_dir) / "postprocess" / "info.json")
+    return bool(info and info.get("finished") is True)
 
 
 def training_note(run_dir: Path, step: int) -> str | None:

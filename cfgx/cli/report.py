@@ -43,8 +43,7 @@ def cmd_report(args: list[str]) -> int:
                    "cond_drop": cfg["cond_drop"]["p"], "dataset": cfg["dataset"]["name"], **row}
             rows.append(row)
     out = out or (runs[0].parent / f"report-{time.strftime('%Y%m%d-%H%M%S')}")
-    if is_run_dir(out):
-        raise CfgxError(f"out={out} is a run dir; pick a new folder for the merged report")
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     write_tables(rows, out, stem="report")
     paths = plot_run(rows, out)
@@ -55,6 +54,18 @@ def cmd_report(args: list[str]) -> int:
     console.print(f"wrote {out}/report.csv, report.json, report.md{', frontier.md' if front else ''} and "
                   f"{len(paths) + bool(heat) + max(len(front) - 1, 0)} plots")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """The report folder: a folder (or none yet) outside every run dir, so no run's files are overwritten."""
+    if is_run_dir(out):
+        raise CfgxError(f"out={out} is a run dir; pick a new folder for the merged report")
+    if out.exists() and not out.is_dir():
+        raise CfgxError(f"out={out} is a file, not a folder; pick a new folder for the merged report")
+    for parent in out.resolve().parents:
+        if is_run_dir(parent):
+            raise CfgxError(f"out={out} lies inside the run dir {parent} (its rows, tables and plots would mix "
+                            "with the report's); pick a folder outside it")
 
 
 def _fraction(arg: str) -> float:

@@ -27,6 +27,7 @@ from cfgx.data import build_dataset
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.loggers.hub import LoggerHub
+from cfgx.schema import check_output_dirs
 from cfgx.store.atomic import atomic_write_json
 from cfgx.store.locks import acquire, holder, run_lock
 from cfgx.store.rundir import find_resumable, new_run_dir, provenance, read_meta, resolve_run
@@ -57,6 +58,7 @@ def cmd_train(args: list[str]) -> int:
     args = normalize_overrides(args, multirun=multirun)
     overrides = _hydra_overrides(args)
     check_group_choices(overrides)
+    check_output_dirs(overrides)
     _check_launcher_plugin(overrides)
     nproc = 1
     if not any(a.startswith("--") and a not in ("--multirun",) for a in args):

@@ -63,6 +63,7 @@ from cfgx.postprocess.settings import (
 from cfgx.store.atomic import atomic_torch_save, atomic_write_json
 from cfgx.store.checkpoints import ema_weights, load_checkpoint, make_ema, restore_training_state, training_state
 from cfgx.store.locks import locked
+from cfgx.store.reader import read_json, try_json
 from cfgx.store.rundir import load_run_config, scale_tag
 from cfgx.train import adamw_with_warmup, batch_indices, optimizer_step
 
@@ -223,10 +224,14 @@ class FlowPostprocessor:
         info_path = pdir / "info.json"
         if not info_path.is_file():
             raise CfgxError(f"no trained postprocessor in {pdir}; run 'cfgx postprocess run={run_dir}' first")
-        info = json.loads(info_path.read_text())
-        if not info.get("finished"):
+        info = read_json(info_path, f"delete {pdir} and re-run 'cfgx postprocess run={run_dir}'",
+                         required={"settings": dict})
+        if info.get("finished") is not True:
             raise CfgxError(f"the postprocessor in {pdir} did not finish training; re-run 'cfgx postprocess "
                             f"run={run_dir}' to resume it")
+        if not isinstance(info.get("checkpoints"), dict):
+            raise CfgxError(f"{info_path}: 'checkpoints' is not what cfgx wrote there; delete {pdir} and re-run "
+                            f"'cfgx postprocess run={run_dir}'")
         settings = dict(info["settings"])
         for key in APPLY_KEYS:
             if cfg_post is not None and key in cfg_post and cfg_post[key] is not None:
@@ -236,8 +241,8 @@ class FlowPostprocessor:
         for key, fname in info["checkpoints"].items():
             net = build_velocity_net(data, {**settings, "init": "scratch"}, None, info.get("backbone"))
             try:
-                net = ema_weights(net, load_checkpoint(pdir / fname)["ema"])
-            except (KeyError, RuntimeError):
+                net = ema_weights(net, load_checkpoint(pdir / str(fname))["ema"])
+            except (KeyError, RuntimeError, TypeError, AttributeError, ValueError):
                 raise CfgxError(f"{pdir / fname} does not match the stored settings; delete {pdir} and "
                                 "retrain the postprocessor") from None
             nets[key] = net.to(device).eval()
@@ -279,9 +284,8 @@ class FlowPostprocessor:
 def ignored_settings(run_dir: Path, typed: dict[str, Any]) -> list[str]:
     """One line per typed ``postprocess.<key>`` that the run's trained flow overrides (all but apply_*)."""
     info_path = Path(run_dir) / "postprocess" / "info.json"
-    try:
-        settings = json.loads(info_path.read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
+    settings = (try_json(info_path) or {}).get("settings")
+    if not isinstance(settings, dict):
         return []  # nothing trained (or unreadable): loading it reports that as an error
     out = []
     for key, value in typed.items():
@@ -329,7 +333,8 @@ def _train_postprocessor(cfg_post: FlowSettings | Mapping[str, Any], run_dir: Pa
     pair_settings.update(sampler=getattr(sampler, "name", "?"), sampler_steps=len(sampler.timesteps),
                          eta=float(getattr(sampler, "eta", 0.0)))
     info_path = pdir / "info.json"
-    old = json.loads(info_path.read_text()) if info_path.is_file() else None
+    old = read_json(info_path, f"delete {pdir} to retrain the postprocessor",
+                    required={"settings": dict}) if info_path.is_file() else None
     if old is not None and ({k: old["settings"].get(k) for k in PAIR_KEYS + TRAIN_KEYS}
                             != st.record(PAIR_KEYS + TRAIN_KEYS)
                             or old.get("pair_settings") != jsonable(pair_settings)):

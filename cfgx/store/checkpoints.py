@@ -30,6 +30,7 @@ from cfgx.data.base import DatasetBundle
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.store.atomic import atomic_torch_save
+from cfgx.store.reader import weights_blob
 from cfgx.store.rundir import CKPT_NAME
 from cfgx.store.safeload import safe_load
 
@@ -54,8 +55,9 @@ def ema_weights(net: nn.Module, ema_state: dict[str, Any]) -> nn.Module:
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
-    """A training checkpoint (or any cfgx training blob), loaded weights-only."""
-    return safe_load(path, map_location, fix="delete it to restart training from scratch")
+    """A training checkpoint (or any cfgx training blob), loaded weights-only, its structure checked."""
+    fix = "delete it to restart training from scratch"
+    return weights_blob(safe_load(path, map_location, fix=fix), Path(path), fix)
 
 
 def training_state(model: nn.Module, ema: AveragedModel, opt: torch.optim.Optimizer,
@@ -75,7 +77,7 @@ def restore_training_state(ckpt: dict[str, Any], model: nn.Module, ema: Averaged
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-    except (KeyError, RuntimeError):
+    except (KeyError, RuntimeError, TypeError, AttributeError, ValueError):
         if mismatch is None:
             raise
         raise CfgxError(mismatch) from None
@@ -97,7 +99,7 @@ def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule
     ckpt = load_checkpoint(path)
     try:
         net = ema_weights(model, ckpt["ema"])
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as e:
         raise CfgxError(f"checkpoint {path} does not match the run's backbone config ({type(e).__name__}); "
                         "the run dir was edited or the checkpoint corrupted") from None
     return net.to(device).eval(), int(ckpt["step"])
@@ -171,7 +173,7 @@ def load_snapshot_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, sch
         have = snapshot_steps(run_dir)
         raise CfgxError(f"{run_dir} has no snapshot at step {step}; snapshots: {', '.join(map(str, have)) or 'none'}"
                         " (train with train.snapshot_every=K to keep them)")
-    blob = safe_load(path, fix="delete it")  # a crafted or broken file: one line naming it
+    blob = weights_blob(safe_load(path, fix="delete it"), path, "delete it")  # crafted or broken: one line
     try:
         net = ema_weights(build_backbone(cfg.backbone, data, schedule), blob["ema"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as e:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.store.atomic import atomic_write_bytes, atomic_write_json
 from cfgx.store.checkpoints import load_ema_model
+from cfgx.store.reader import try_json
 
 FORMAT = "cfgx-export/1"
 WEIGHTS = "model.safetensors"
@@ -57,11 +57,8 @@ def sha256_of(path: Path) -> str:
 
 def read_info(folder: Path) -> dict[str, Any] | None:
     """The export's ``model.json``, or None when ``folder`` holds no cfgx export."""
-    try:
-        info = json.loads((Path(folder) / INFO).read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) and info.get("format") == FORMAT else None
+    info = try_json(Path(folder) / INFO)
+    return info if info is not None and info.get("format") == FORMAT else None
 
 
 def describe(cfg: DictConfig, data: DatasetBundle, meta: dict[str, Any], step: int, run_dir: Path,

@@ -8,7 +8,6 @@ A run dir is self-describing: ``config.yaml`` (resolved), ``overrides.yaml``
 from __future__ import annotations
 
 import errno
-import json
 import os
 import platform
 import shutil
@@ -26,6 +25,7 @@ import cfgx
 from cfgx.errors import CfgxError, disk_error
 from cfgx.store.atomic import atomic_write_text, current_umask
 from cfgx.store.locks import holder
+from cfgx.store.reader import read_json
 
 CKPT_NAME = "last.pt"
 
@@ -139,15 +139,7 @@ def load_run_config(run_dir: Path) -> dict:
 
 def read_meta(run_dir: Path) -> dict:
     path = Path(run_dir) / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CfgxError(f"{path} is not readable JSON ({type(e).__name__}); restore it, or start a new run "
-                        "with train.resume=false") from None
-    if not isinstance(meta, dict):
-        raise CfgxError(f"{path} is not a cfgx meta.json (not a JSON object); restore it, or start a new run "
-                        "with train.resume=false")
-    return meta
+    return read_json(path, "restore it, or start a new run with train.resume=false")
 
 
 def _git_commit() -> str | None:

@@ -35,6 +35,7 @@ from cfgx.report.tables import console_table, write_tables
 from cfgx.sample import balanced_labels, generate
 from cfgx.store.atomic import atomic_torch_save
 from cfgx.store.locks import acquire, locked, release_all
+from cfgx.store.reader import features_blob
 from cfgx.store.rundir import device_name, versions
 from cfgx.store.safeload import UnreadableFileError, safe_load
 from cfgx.sweep.rows import RowKey, combine_blocks, finite_or_none, load_rows, read_row, write_row
@@ -181,6 +182,8 @@ class Sweeper:
             return None
         try:
             blob = safe_load(fpath)
+            if not features_blob(blob):
+                raise TypeError("not the structure a sweep writes")
             return {"features": blob["features"], "timing": blob["timing"], "grid_x": blob.get("grid_x")}
         except (UnreadableFileError, KeyError, TypeError):
             say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")

@@ -7,7 +7,6 @@ missing scales and the tables are always a merge of whole rows.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from scipy.stats import t as student_t
 
 from cfgx.console import say
 from cfgx.store.atomic import atomic_write_json
+from cfgx.store.reader import try_json
 from cfgx.store.rundir import scale_tag
 
 
@@ -55,11 +55,8 @@ class RowKey:
 
 def read_row(path: Path) -> dict | None:
     """A row file's row, or None when it is not one (rows are written atomically: a foreign file)."""
-    try:
-        row = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return row if isinstance(row, dict) and "s" in row else None
+    row = try_json(path)  # bad JSON, nested too deep for the parser, not an object: all 'not a row'
+    return row if row is not None and isinstance(row.get("s"), (int, float)) else None
 
 
 def write_row(rows_dir: Path, key: RowKey, row: dict[str, Any]) -> None:
