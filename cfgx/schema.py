@@ -165,6 +165,7 @@ def check_types(cfg: DictConfig, root: Path) -> None:
         if not allowed:
             continue
         if not _type_ok(v, allowed):
+            allowed = tuple(t for t in allowed if t != "int") if "float" in allowed else allowed
             want = " or ".join(sorted({"integer" if t == "int" else "number" if t == "float" else
                                        "true/false" if t == "bool" else "string" if t == "str" else t
                                        for t in allowed}))

@@ -68,7 +68,7 @@ def fill_disk_after(nbytes: int, under: Path) -> None:
     os.fdopen, builtins.open = fdopen, open_
 
 
-def _child(argv: list[str], cwd: str, cache: str, full_after: int | None = None) -> None:
+def _child(argv: list[str], cwd: str, cache: str, full_after: int | None = None, fsize: int | None = None) -> None:
     os.chdir(cwd)
     os.environ["CFGX_CACHE"] = cache
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -76,6 +76,10 @@ def _child(argv: list[str], cwd: str, cache: str, full_after: int | None = None)
     os.dup2(os.open(os.path.join(cwd, "stderr.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
     if full_after is not None:
         fill_disk_after(full_after, Path(cwd) / "runs")
+    if fsize is not None:  # what 'ulimit -f' does: a write past fsize bytes fails with EFBIG (Python ignores SIGXFSZ)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     import torch
 
     torch.set_num_threads(1)  # every run of a comparison uses the same reduction order
@@ -89,11 +93,12 @@ def _child(argv: list[str], cwd: str, cache: str, full_after: int | None = None)
 
 
 def run(argv: list[str], cwd: Path, cache: Path, kill_after: float | None = None,
-        full_after: int | None = None) -> tuple[int | None, float]:
+        full_after: int | None = None, fsize: int | None = None) -> tuple[int | None, float]:
     """Run ``cfgx argv`` in ``cwd`` (stderr to ``cwd/stderr.txt``); with ``kill_after`` SIGKILL it then, with
-    ``full_after`` the disk under ``cwd/runs`` fills after that many bytes. Returns (exit code, -9 if
+    ``full_after`` the disk under ``cwd/runs`` fills after that many bytes, with ``fsize`` no file may grow past
+    that many bytes (``ulimit -f``). Returns (exit code, -9 if
     killed; seconds)."""
-    p = context().Process(target=_child, args=(argv, str(cwd), str(cache), full_after))
+    p = context().Process(target=_child, args=(argv, str(cwd), str(cache), full_after, fsize))
     t0 = time.perf_counter()
     p.start()
     p.join(kill_after)

@@ -146,7 +146,35 @@ def arena(tiny_run, tmp_path_factory) -> dict[str, Path]:
     paths["weights"].write_bytes(b"not an inception checkpoint")
     paths["nodata"] = root / "nodata"
     paths["nodata"].mkdir()
+    damage_run_files(tiny_run, root / "damaged", paths)
     return paths
+
+
+def damage_run_files(tiny_run: Path, under: Path, paths: dict[str, Path]) -> None:
+    """Copies of the run with one file damaged each, as a careless or hostile sender would (issue 18)."""
+    deep = "[" * 200_000 + "]" * 200_000  # valid JSON that exhausts the parser's recursion
+    for name in ("deepmeta", "badch", "badema", "badstep", "badsnap", "badinfo", "infotype", "deeprow",
+                 "notrow"):
+        paths[name] = under / name
+        shutil.copytree(tiny_run, paths[name])
+    (paths["deepmeta"] / "meta.json").write_text(deep)
+    cfg = (paths["badch"] / "config.yaml").read_text()
+    (paths["badch"] / "config.yaml").write_text(cfg.replace("  ch: 8\n", "  ch: abc\n", 1))
+    assert "ch: abc" in (paths["badch"] / "config.yaml").read_text()
+    for name, field, value in (("badema", "ema", "abc"), ("badstep", "step", "twelve")):
+        ckpt = paths[name] / "checkpoints" / "last.pt"
+        blob = torch.load(ckpt, weights_only=True)
+        blob[field] = value
+        torch.save(blob, ckpt)
+    snap = sorted((paths["badsnap"] / "checkpoints" / "snapshots").glob("ema_*.pt"))[0]  # not last.pt's step
+    torch.save({"ema": [1, 2, 3], "step": torch.tensor(6)}, snap)
+    paths["snapstep"] = Path(str(int(snap.stem.split("_")[1])))
+    for name, text in (("badinfo", "{garbage"), ("infotype", '{"finished": true, "settings": "x"}')):
+        (paths[name] / "postprocess").mkdir()
+        (paths[name] / "postprocess" / "info.json").write_text(text)
+    for name, text in (("deeprow", deep), ("notrow", '{"s": "x"}')):
+        for row in (paths[name] / "sweep" / "rows").glob("*.json"):
+            row.write_text(text)
 
 
 def _train(*extra: str) -> list[str]:
@@ -221,6 +249,74 @@ BAD_INPUTS = [
     (["postprocess", "run={good}", "postprocess.nn_space=magic"], "nn_space"),
     (["train-classifier", "run=/nonexistent/run"], "not a cfgx run dir"),
     (["frobnicate"], "unknown command"),
+    # Issue 18: values the one validation pass (cfgx/schema.py) refuses before any run dir or training.
+    (_train("train.ckpt_every=0"), "train.ckpt_every=0 must be > 0"),
+    (_train("train.log_every=0"), "train.log_every=0 must be > 0"),
+    (_train("train.weight_decay=-1"), "train.weight_decay=-1 must be >= 0"),
+    (_train("train.weight_decay=nan"), "train.weight_decay=nan is not finite"),
+    (_train("train.warmup_steps=abc"), "train.warmup_steps='abc' must be an integer"),
+    (_train("diffusion.beta_end=2"), "beta_start < beta_end < 1"),
+    (_train("diffusion.beta_start=0.5"), "beta_start < beta_end < 1"),
+    (_train("diffusion.beta_start=0"), "diffusion.beta_start=0 must be > 0"),
+    (_train("seed=99999999999999999999999"), "numpy's seed range"),
+    (_train("seed=-1"), "numpy's seed range"),
+    (_train("eval.seed=99999999999"), "eval.seed=99999999999 must be in"),
+    (_train("device=meta"), "holds no data"),
+    (_train("train.steps=${{train.steps}}"), "train.steps does not resolve"),
+    (_train("hydra.run.dir=/proc/x"), "cannot create folders in /proc"),
+    (_train("hydra.run.dir={weights}/x"), "is a file, not a folder"),
+    (_train("eval.classifier.steps=0"), "eval.classifier.steps=0 must be > 0"),
+    (_train("postprocess=flow", "postprocess.apply_steps=nan"), "postprocess.apply_steps=nan must be an integer"),
+    (_train("postprocess=flow", "postprocess.steps=0"), "postprocess.steps=0 must be > 0"),
+    (_train("postprocess=flow", "postprocess.lr=inf"), "postprocess.lr=inf is not finite"),
+    (_train("postprocess=flow", "postprocess.apply_method=rk4"), "valid: euler, heun"),
+    (_train("postprocess=flow", "postprocess.ema_decay=1"), "postprocess.ema_decay=1 must be in [0, 1)"),
+    (_train("backbone.ch=abc"), "backbone.ch='abc' must be an integer"),
+    (_train("backbone.ch_mult=abc"), "backbone.ch_mult='abc' must be a list"),
+    (_train("backbone.dropout=1.5"), "backbone.dropout=1.5 must be in [0, 1)"),
+    (_train("train.grad_clip=-1"), "flips the gradient"),
+    (_train("train.grad_clip=0"), "train.grad_clip=0 must be > 0 or null"),
+    (_train("guidance=0,-1e308"), "beyond +-1000"),
+    (_train("guidance=1e6"), "beyond +-1000"),
+    (_train("guidance.classifier.steps=-1"), "guidance.classifier.steps=-1 must be > 0"),
+    (_train("guidance.classifier.lr=abc"), "guidance.classifier.lr='abc' must be a number"),
+    (_train("guidance.rescale.phi=2"), "guidance.rescale.phi=2 must be in [0, 1]"),
+    (_train("guidance.schedule=wiggly"), "valid: constant, linear, cosine"),
+    (_train("guidance.interval.sigma=abc"), "guidance.interval.sigma='abc' must be a list"),
+    (_train(*IMG, "dataset.root={empty}", "dataset.resolution=-8"), "dataset.resolution=-8 must be > 0"),
+    (_train("dataset.resolution=0"), "dataset.resolution=0 must be > 0"),
+    (_train("eval.pr_k=40"), "eval.pr_k=40 must be below eval.num_samples=40"),
+    (_train("eval.dc_k=20000"), "must be below eval.num_samples"),
+    (_train("eval.batch_size=0"), "eval.batch_size=0"),
+    (_train("eval.kid_subsets=0"), "eval.kid_subsets=0 must be > 0"),
+    (_train("eval.boundary_delta=-1"), "eval.boundary_delta=-1 must be > 0"),
+    (_train("eval.real_samples=0"), "eval.real_samples=0"),
+    (_train("train.ema_decay=nan"), "ema_decay"),
+    (_train("train.lr=inf"), "train.lr=inf is not finite"),
+    (_train("train.resume=maybe"), "train.resume='maybe' must be a true/false"),
+    (_train("train.channels_last=3"), "train.channels_last=3 must be a true/false"),
+    (_train("train.snapshot_every=abc"), "train.snapshot_every='abc' must be an integer"),
+    (_train("diffusion.num_steps=abc"), "diffusion.num_steps='abc' must be an integer"),
+    (_train("dist.timeout_min=0"), "dist.timeout_min=0 must be > 0"),
+    (_train("sampler.steps=abc"), "sampler.steps='abc' must be an integer"),
+    (["sweep", "run={good}", "eval.seed=99999999999"], "eval.seed=99999999999 must be in"),
+    (["sweep", "run={good}", "guidance=1e6"], "beyond +-1000"),
+    (["sweep", "run={good}", "device=meta"], "holds no data"),
+    (["sweep", "run={good}", "eval.pr_k=40"], "must be below eval.num_samples=40"),
+    (["sweep", "run={good}", "postprocess=flow", "postprocess.apply_steps=nan"], "postprocess.apply_steps"),
+    (["postprocess", "run={good}", "postprocess=flow", "postprocess.steps=0"], "postprocess.steps=0 must be > 0"),
+    # Issue 18: damaged run-dir files, each one line naming the file (cfgx/store/reader.py, weights_blob).
+    (["sweep", "run={deepmeta}", "guidance=1"], "meta.json is not readable JSON"),
+    (["sweep", "run={badch}", "guidance=1"], "backbone.ch='abc' must be an integer"),
+    (["sweep", "run={badema}", "guidance=1"], "'ema' is not a map of weight tensors"),
+    (["sweep", "run={badstep}", "guidance=1"], "'step'='twelve' is not a step number"),
+    (["sweep", "run={badsnap}", "guidance=1", "checkpoint={snapstep}"], "'ema' is not a map of weight tensors"),
+    (["sweep", "run={badinfo}", "guidance=1", "postprocess=flow"], "info.json is not readable JSON"),
+    (["sweep", "run={infotype}", "guidance=1", "postprocess=flow"], "settings='x' is not what cfgx wrote"),
+    (["report", "{deeprow}"], "no sweep rows yet"),
+    (["report", "{notrow}"], "no sweep rows yet"),
+    (["report", "{good}", "out={weights}"], "is a file, not a folder"),
+    (["report", "{good}", "out={good}/sweep/rows"], "inside the run dir"),
 ]
 
 
@@ -237,7 +333,7 @@ def tree(folder: Path) -> tuple[dict[str, bytes], list[str]]:
 
 def test_bad_input_table(arena, workdir, capsys):
     """Every bad input: exit 2, one stderr line naming the problem, no traceback, nothing written or lost."""
-    assert len(BAD_INPUTS) >= 40
+    assert len(BAD_INPUTS) >= 100
     before = tree(arena["root"])
     failures = []
     for argv, needle in BAD_INPUTS:
@@ -481,6 +577,26 @@ def test_train_ends_bit_identical_after_sigkills_and_full_disks(workdir, cache_d
     assert code == 0, (c / "stderr.txt").read_text()
     (run_c,) = visible_runs(c)
     assert_same_results(ref, run_c, ["checkpoints/last.pt", "sweep/features", "sweep/rows"])
+
+
+def test_a_file_size_limit_is_one_line(workdir, cache_dir, tiny_run):
+    """Under 'ulimit -f' a write past the limit fails with EFBIG: one line naming the file and the limit."""
+    import faultkit
+
+    code, _ = faultkit.run(["train", *KILL_TRAIN], workdir, cache_dir, fsize=8192)
+    line = one_error_line((workdir / "stderr.txt").read_text())
+    assert code == 2 and "File too large" in line and "ulimit -f" in line, line
+
+
+def test_a_feature_file_of_the_wrong_structure_is_recomputed_not_a_traceback(tiny_run):
+    from cfgx.store.reader import features_blob
+    from cfgx.store.safeload import safe_load
+
+    good = safe_load(next((tiny_run / "sweep" / "features").glob("*.pt")))
+    assert features_blob(good)
+    for bad in ({**good, "features": "abc"}, {**good, "features": {"clf": [1, 2]}}, {**good, "timing": [1]},
+                {**good, "grid_x": "x"}, [good], {"timing": {}}):
+        assert not features_blob(bad)
 
 
 def _two_copies(tiny_run: Path, workdir: Path, drop: str) -> tuple[Path, Path]:
