@@ -169,8 +169,9 @@ def check_types(cfg: DictConfig, root: Path) -> None:
             want = " or ".join(sorted({"integer" if t == "int" else "number" if t == "float" else
                                        "true/false" if t == "bool" else "string" if t == "str" else t
                                        for t in allowed}))
-            raise CfgxError(f"{key}={v!r} must be {'an' if want.startswith('i') else 'a'} {want}; "
-                            f"fix it on the command line, e.g. {key}=<{want.split(' or ')[0]}>")
+            nan = f" ({v!r} is not a number)" if isinstance(v, str) and {"int", "float"} & set(allowed) else ""
+            raise CfgxError(f"{key}={v!r} must be {'an' if want.startswith('i') else 'a'} {want}{nan}; "
+                            f"set {key}=<{want.split(' or ')[0]}>")
 
 
 def check_ranges(cfg: DictConfig) -> None:

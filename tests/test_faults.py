@@ -645,10 +645,10 @@ def test_sweep_names_options_the_trained_flow_overrides(workdir, tiny_run, capsy
     argv = ["postprocess", f"run=runs/digits/{tiny_run.name}", *POST[1:], "postprocess.steps=4"]
     code, _ = faultkit.run(argv, workdir, Path(os.environ["CFGX_CACHE"]))
     assert code == 0, (workdir / "stderr.txt").read_text()
-    assert run_main(["sweep", f"run={run}", "postprocess=flow", "guidance=1", "postprocess.k=0",
+    assert run_main(["sweep", f"run={run}", "postprocess=flow", "guidance=1", "postprocess.k=7",
                      "postprocess.apply_steps=1"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert "postprocess.k=0 ignored: the trained flow" in out and "used k=3" in out
+    assert "postprocess.k=7 ignored: the trained flow" in out and "used k=3" in out
     assert "apply_steps" not in out.split("sweeping")[0]  # apply_* options do apply: nothing to say
 
 

@@ -9,6 +9,7 @@ cfgx/store/safeload.py; config.yaml through cfgx/store/rundir.load_run_config.)
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,6 @@ def weights_blob(blob: Any, path: Path, fix: str, keys: tuple[str, ...] = ("ema"
 
 def features_blob(blob: Any) -> bool:
     """Whether a loaded sweep features file has the structure the sweep wrote (else it is recomputed)."""
-    import numbers
-
     return (isinstance(blob, dict) and _is_tensor_map(blob.get("features"))
             and isinstance(blob.get("timing"), dict)
             and all(isinstance(v, numbers.Real) for v in blob["timing"].values())
