@@ -214,8 +214,13 @@ class Slot:
 # ---------------------------------------------------------------- other programs' load
 
 
-def others_running(stat_file: Path = Path("/proc/stat"), own_tasks: Path = Path("/proc/self/task")) -> int | None:
-    """Runnable tasks on the machine that are not this process's threads (None where unreadable)."""
+def others_running(pool: int = 1, stat_file: Path = Path("/proc/stat"),
+                   own_tasks: Path = Path("/proc/self/task")) -> int | None:
+    """Runnable tasks on the machine that are not this process's threads (None where unreadable).
+
+    Our whole ``pool`` counts as ours even when a worker was asleep at the moment of reading (the
+    two files are not read at one instant): mistaking our own worker for a stranger would halve us.
+    """
     try:
         running = next(int(line.split()[1]) for line in stat_file.read_text().splitlines()
                        if line.startswith("procs_running"))
@@ -226,7 +231,7 @@ def others_running(stat_file: Path = Path("/proc/stat"), own_tasks: Path = Path(
         for tid in os.listdir(own_tasks):
             with contextlib.suppress(OSError, IndexError):
                 own += (own_tasks / tid / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
-    return max(0, running - max(own, 1))
+    return max(0, running - max(own, pool, 1))
 
 
 class ThreadBudget:
@@ -249,7 +254,7 @@ class ThreadBudget:
             return self.fixed
         n = self.usable // (self.slot.holders() if self.slot is not None else 1)
         if self.watch_load:
-            others = others_running()
+            others = others_running(max(self.threads, 1))
             if others is not None:
                 self.load.append(others)
                 n = min(n, self.usable - max(self.load))

@@ -153,3 +153,31 @@ def test_two_processes_see_each_others_slots(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_other_programs_running_shrink_the_share(tmp_path):
+    stat_file, tasks = tmp_path / "stat", tmp_path / "task"
+    for tid, state in (("1", "R"), ("2", "S")):
+        (tasks / tid).mkdir(parents=True)
+        (tasks / tid / "stat").write_text(f"{tid} (py (x)) {state} 1 2 3\n")
+    stat_file.write_text("cpu  1 2 3\nprocs_running 4\nprocs_blocked 0\n")
+    assert cpu.others_running(1, stat_file, tasks) == 3      # 4 runnable, 1 of them our running thread
+    assert cpu.others_running(2, stat_file, tasks) == 2      # our pool of 2, one worker asleep as we read
+    stat_file.write_text("procs_running 1\n")
+    assert cpu.others_running(2, stat_file, tasks) == 0
+    assert cpu.others_running(1, tmp_path / "absent", tasks) is None
+
+
+def test_start_budget_keeps_the_users_count_and_stop_restores(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv(cpu.AUTO_MARK, raising=False)
+    prev = torch.get_num_threads()
+    try:
+        budget = cpu.start_budget("auto")
+        assert budget.fixed == 1 and torch.get_num_threads() == 1
+        assert len(list((tmp_path / "cfgx" / "threads").glob("slot-*"))) == 1   # it still occupies a core
+        assert cpu.start_budget(2).fixed == 2 and torch.get_num_threads() == 2  # the config key wins
+    finally:
+        cpu.stop_budget()
+    assert torch.get_num_threads() == prev and not list((tmp_path / "cfgx" / "threads").iterdir())
