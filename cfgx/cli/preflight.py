@@ -35,7 +35,7 @@ def check_before_training(cfg: DictConfig, data: DatasetBundle, device: torch.de
     from cfgx.metrics.suite import EvalSuite, resolve_feature_spaces
 
     # A missing Inception file fails in a second, before the evaluation classifier trains (minutes on MNIST).
-    if "inception" in resolve_feature_spaces(OmegaConf.to_container(cfg.eval.features, resolve=True), data):
+    if "inception" in resolve_feature_spaces(OmegaConf.to_container(cfg.eval, resolve=True)["features"], data):
         resolve_weights_path(cfg.eval.get("inception_weights"))
     suite = EvalSuite(cfg, data, device, console)
     bits = [f"reference {suite.info['real_reference']}"]
