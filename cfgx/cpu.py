@@ -245,7 +245,7 @@ class ThreadBudget:
         if directory is not None:
             with contextlib.suppress(OSError, CfgxError):  # no slot: this process just does not cooperate
                 self.slot = Slot(directory, cpus)
-        self.load = deque(maxlen=4)  # the last 2 s: shrink at once when others run, grow back once they stop
+        self.load = deque(maxlen=4)  # the last 2 s: shrink when others keep running, grow back once they stop
         self.prev = torch.get_num_threads()
         self.threads, self.checked = 0, 0.0
 
@@ -257,7 +257,8 @@ class ThreadBudget:
             others = others_running(max(self.threads, 1))
             if others is not None:
                 self.load.append(others)
-                n = min(n, self.usable - max(self.load))
+                seen = sorted(self.load)  # the second highest: a task seen once (a shell, a kworker) is a blip
+                n = min(n, self.usable - seen[-2 if len(seen) > 1 else -1])
         return max(1, n)
 
     def apply(self) -> int:

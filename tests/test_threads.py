@@ -181,3 +181,10 @@ def test_start_budget_keeps_the_users_count_and_stop_restores(tmp_path, monkeypa
     finally:
         cpu.stop_budget()
     assert torch.get_num_threads() == prev and not list((tmp_path / "cfgx" / "threads").iterdir())
+
+
+def test_share_ignores_a_one_sample_blip_of_other_load(monkeypatch):
+    readings = iter([0, 1, 0, 1, 1])
+    monkeypatch.setattr(cpu, "others_running", lambda pool: next(readings))
+    budget = cpu.ThreadBudget(2, frozenset({0, 1}), directory=None, watch_load=True)
+    assert [budget.share() for _ in range(5)] == [2, 2, 2, 1, 1]
