@@ -24,6 +24,7 @@ bench:              ## throughput/timing benchmarks (not tests): demo wall time,
 	$(PY) scripts/bench_inception.py
 	$(PY) scripts/bench_record.py   # bench_out/bench.json, with ratios to the previous record
 	$(PY) scripts/bench_ddp.py
+	$(PY) scripts/bench_threads.py   # digits training step: 1 process alone vs 2 side by side, thread budget
 
 gpu-check:          ## on a CUDA machine: pytest -m gpu, CIFAR train img/s / peak memory / MFU, a 2k-sample sweep
 	$(PY) scripts/gpu_check.py

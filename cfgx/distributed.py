@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from cfgx import cpu
 from cfgx.errors import CfgxError
 from cfgx.store.rundir import pick_device
 
@@ -136,8 +137,6 @@ def setup(device_name: str, backend: str = "auto", timeout_min: float = 60.0,
         torch.cuda.set_device(device)
     elif backend == "nccl":
         raise CfgxError("dist.backend=nccl needs device=cuda (or auto); on CPU use dist.backend=gloo")
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; srun/submitit do not
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(_env_int("LOCAL_WORLD_SIZE", world), 1)))
     if not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(chosen, init_method="env://", timeout=timedelta(minutes=float(timeout_min)))
@@ -145,12 +144,19 @@ def setup(device_name: str, backend: str = "auto", timeout_min: float = 60.0,
 
 
 def setup_from_config(cfg, batch_size: int | None = None) -> torch.device:
-    """``setup`` with the run config's ``device`` and ``dist`` block (absent in older runs: defaults)."""
-    return setup(str(cfg.device), str(OmegaConf.select(cfg, "dist.backend", default="auto")),
-                 float(OmegaConf.select(cfg, "dist.timeout_min", default=60)), batch_size)
+    """``setup`` with the run config's ``device`` and ``dist`` block (absent in older runs: defaults).
+
+    On the CPU, also starts the thread budget (cfgx/cpu.py; each rank holds its own share).
+    """
+    device = setup(str(cfg.device), str(OmegaConf.select(cfg, "dist.backend", default="auto")),
+                   float(OmegaConf.select(cfg, "dist.timeout_min", default=60)), batch_size)
+    if device.type == "cpu":
+        cpu.start_budget(OmegaConf.select(cfg, "cpu_threads", default="auto"))
+    return device
 
 
 def shutdown() -> None:
+    cpu.stop_budget()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -315,7 +321,8 @@ def relaunch(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if "OMP_NUM_THREADS" not in os.environ:  # each rank then sizes its pool from the budget (cfgx/cpu.py)
+        os.environ.update({"OMP_NUM_THREADS": "1", cpu.AUTO_MARK: "1"})
     # The agent logs each worker's exit and its SIGTERMs; cfgx's own line already says what failed.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "cfgx", *argv])

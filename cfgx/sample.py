@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cfgx import cpu
 from cfgx.diffusion.guidance import GuidanceRule, GuidedEps, Models, make_rule
 from cfgx.diffusion.samplers import Sampler
 
@@ -71,6 +72,7 @@ def generate(model: torch.nn.Module, sampler: Sampler, shape: tuple[int, ...], l
     xs = []
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, len(labels), batch_size)):
+        cpu.tick()
         y = labels[start:start + batch_size].to(device)
         g = batch_generator(seed, first_batch + b, device)
         eps_fn = GuidedEps(rule, models, y, scale, sampler)

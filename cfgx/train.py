@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from cfgx import distributed
+from cfgx import cpu, distributed
 from cfgx.backbones import build_backbone, count_parameters
 from cfgx.console import progress_bar, say
 from cfgx.data import DatasetBundle, stack_dataset
@@ -170,6 +170,7 @@ def train(cfg: DictConfig, data: DatasetBundle, run_dir: Path, device: torch.dev
                     loss = loss_fn(net, x, y, gen)
                 optimizer_step(loss, model, opt, sched, ema, tc.grad_clip)
                 step += 1
+                cpu.tick()
                 loss_acc += loss.detach()
                 n_acc += 1
                 if step % int(tc.log_every) == 0 or step == steps:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cfgx.console import say
 from cfgx.data import DatasetBundle
@@ -31,8 +31,12 @@ def check_before_training(cfg: DictConfig, data: DatasetBundle, device: torch.de
         raise CfgxError(f"postprocess={post} needs a trained run: train without it, then run 'cfgx postprocess "
                         f"run=<run>' and 'cfgx sweep postprocess={post} run=<run>'")
     # why: cfgx.metrics.suite loads the metrics stack (~3 s); cfgx sweep imports this module too
-    from cfgx.metrics.suite import EvalSuite
+    from cfgx.metrics.inception import resolve_weights_path
+    from cfgx.metrics.suite import EvalSuite, resolve_feature_spaces
 
+    # A missing Inception file fails in a second, before the evaluation classifier trains (minutes on MNIST).
+    if "inception" in resolve_feature_spaces(OmegaConf.to_container(cfg.eval, resolve=True)["features"], data):
+        resolve_weights_path(cfg.eval.get("inception_weights"))
     suite = EvalSuite(cfg, data, device, console)
     bits = [f"reference {suite.info['real_reference']}"]
     if suite.info.get("eval_classifier_acc") is not None:

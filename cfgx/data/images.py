@@ -8,6 +8,7 @@ small resolutions CFG studies use.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,9 @@ def load_imagefolder(cfg) -> DatasetBundle:
     channels = int(cfg.get("channels", 3))
 
     def load(path: Path):
+        for cdir in sorted(path.iterdir()):
+            if cdir.is_dir():
+                check_class_tree(cdir)
         try:
             ds = torchvision.datasets.ImageFolder(str(path))
         except (FileNotFoundError, OSError):  # no class folders, or none holding an image file
@@ -170,3 +174,31 @@ def load_imagefolder(cfg) -> DatasetBundle:
         test = TensorDataset(_to_unit_range(xte), yte)
     return DatasetBundle(name="imagefolder", train=TensorDataset(_to_unit_range(xtr), ytr), test=test,
                          num_classes=len(classes), shape=tuple(xtr.shape[1:]), class_names=classes)
+
+
+def check_class_tree(cdir: Path) -> None:
+    """Every folder below the class folder ``cdir`` lies inside it and is reached once.
+
+    torchvision's ImageFolder follows symlinked folders: a link back to the root made class 0
+    take class 1's images, and a loop repeats images until the path length gives out (16 files
+    became 656 samples). The class folder itself may be a link (to where the images live).
+    """
+    top = cdir.resolve()
+    seen: set[tuple[int, int]] = set()
+    stack = [cdir]
+    while stack:
+        d = stack.pop()
+        try:
+            real = d.resolve(strict=True)
+            st = real.stat()
+        except (RuntimeError, OSError):  # Python's "Symlink loop", ELOOP
+            st = None
+        if st is None or (st.st_dev, st.st_ino) in seen:
+            raise CfgxError(f"{d} is a symlink loop (or a second link to one folder) under class folder {cdir}; "
+                            "remove the link so each image is read once")
+        if real != top and top not in real.parents:
+            raise CfgxError(f"{d} links to {real}, outside its class folder {cdir}; each class's images must lie "
+                            "under its own folder: remove the link or copy the images in")
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(d) as entries:
+            stack.extend(Path(e.path) for e in entries if e.is_dir())

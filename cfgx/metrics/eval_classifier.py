@@ -235,5 +235,5 @@ def get_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root:
         return (model.eval(), info), blob
 
     return load_or_make(path, load, make, lock=path.parent / f".{key}.lock",
-                        what=f"the evaluation classifier {path}", console=console,
+                        what=f"the evaluation classifier {path}", console=console, private_if_readonly=True,
                         unreadable=f"[yellow]cached evaluation classifier {path} unreadable; retraining")

@@ -19,6 +19,7 @@ import torch
 
 from cfgx.errors import CfgxError
 from cfgx.store.atomic import atomic_torch_save
+from cfgx.store.cached import private_path, writable_path
 from cfgx.store.safeload import UnreadableFileError, safe_load
 
 
@@ -43,9 +44,19 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.pt"
 
+    def lock_path(self, key: str) -> Path:
+        """The entry's lock: beside it, or in the private cache when this directory is read-only."""
+        return writable_path(self.root / f".{key}.lock")
+
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The stored tensors, or None on a miss. An unreadable entry counts as a miss."""
+        """The stored tensors, or None on a miss. An unreadable entry counts as a miss.
+
+        A read-only cache's entry is read as is (no lock needed: entries are replaced by renames);
+        a missing one is looked up in the private cache, where ``save`` then puts it.
+        """
         p = self.path(key)
+        if not p.is_file():
+            p = private_path(p)
         if not p.is_file():
             return None
         try:
@@ -66,14 +77,15 @@ class FeatureCache:
             raise CfgxError(
                 f"feature cache stores tensors only, got non-tensor values for {bad}: convert them"
             )
+        target = writable_path(self.path(key))
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CfgxError(
-                f"cannot create feature cache directory {self.root} ({exc.strerror}): set CFGX_CACHE to a "
+                f"cannot create feature cache directory {target.parent} ({exc.strerror}): set CFGX_CACHE to a "
                 "writable directory"
             ) from exc
         payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         # Same-directory rename: readers see the old entry or the whole new one, with the umask's mode.
-        atomic_torch_save(self.path(key), payload)
-        return self.path(key)
+        atomic_torch_save(target, payload)
+        return target

@@ -154,7 +154,7 @@ class EvalSuite:
                         root=str(opt.dataset.get("root")), **prov)
         # Rank 0 holds the cache entry's lock (so concurrent runs compute it once); the other ranks
         # only take part in the sharded computation, so they must not wait on the lock themselves.
-        lock = (locked(cache.root / f".{key}.lock", f"real Inception features {cache.path(key)}", self.console)
+        lock = (locked(cache.lock_path(key), f"real Inception features {cache.path(key)}", self.console)
                 if distributed.is_main() else contextlib.nullcontext())
         with lock:
             hit = cache.load(key) if distributed.is_main() else None
