@@ -38,6 +38,7 @@ from cfgx.metrics.diversity import (
 from cfgx.metrics.eval_classifier import build_eval_classifier, classify, get_eval_classifier
 from cfgx.metrics.feature_cache import FeatureCache
 from cfgx.metrics.inception import FeatureExtractor
+from cfgx.metrics.sfid import sfid_from_features
 from cfgx.metrics.standard import fid_from_features, inception_score_from_logits, kid_from_features
 from cfgx.store.locks import locked
 
@@ -158,27 +159,28 @@ class EvalSuite:
                 if distributed.is_main() else contextlib.nullcontext())
         with lock:
             hit = cache.load(key) if distributed.is_main() else None
+            hit = hit if hit is None or "spatial" in hit else None  # an entry from before sFID: upgraded in place
             if not distributed.broadcast_object(hit is not None):
                 say(self.console, f"computing Inception features of {self.n_real} real images (cached for every "
                                   f"run and scale: {cache.path(key)})")
-                pool = self._sharded_inception_pool(real_x)
-                if pool is not None:
-                    hit = {"pool": pool}
+                hit = self._sharded_inception_pool(real_x)
+                if hit is not None:
                     cache.save(key, hit)
         if hit is not None:
-            self.real["inc_pool"] = hit["pool"]
+            self.real["inc_pool"], self.real["inc_spatial"] = hit["pool"], hit["spatial"]
 
-    def _sharded_inception_pool(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Inception pool3 of ``x``, chunks spread over the ranks; the whole on rank 0, None elsewhere.
+    def _sharded_inception_pool(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Inception pool3 and sFID features of ``x``, chunks over the ranks; on rank 0, None elsewhere.
 
         Chunks are whole multiples of the extractor's batch, so each image sees the same
         batches as in one process and the features match it exactly.
         """
         chunk = 16 * self.inception.batch_size
-        local = {k: self.inception(to_uint8(x[k * chunk:(k + 1) * chunk])).pool
+        local = {k: self.inception(to_uint8(x[k * chunk:(k + 1) * chunk]))
                  for k in distributed.my_share(math.ceil(len(x) / chunk))}
         parts = distributed.gather_by_index(local)
-        return None if parts is None else torch.cat(parts)
+        return None if parts is None else {"pool": torch.cat([f.pool for f in parts]),
+                                           "spatial": torch.cat([f.spatial for f in parts])}
 
     def features_in(self, space: str, x: torch.Tensor) -> torch.Tensor:
         """Features of one space only ("classifier" or "inception"), e.g. for nearest neighbours."""
@@ -194,6 +196,8 @@ class EvalSuite:
             out["inc_pool"] = f.pool
             if f.logits is not None:
                 out["inc_logits"] = f.logits
+            if f.spatial is not None:
+                out["inc_spatial"] = f.spatial
         return out
 
     # ------------------------------------------------------------------ metrics
@@ -213,6 +217,9 @@ class EvalSuite:
         if "inc_pool" in feats:
             row["fid"] = fid_from_features(self.real["inc_pool"], feats["inc_pool"])
             row["fid_comparable"] = n >= INCEPTION_DIM
+            # sFID: absent from features files written before it existed (eval.overwrite=true recomputes)
+            row["sfid"] = (sfid_from_features(self.real["inc_spatial"], feats["inc_spatial"])
+                           if "inc_spatial" in feats and "inc_spatial" in self.real else None)
             kid = kid_from_features(self.real["inc_pool"], feats["inc_pool"], subsets=self.kid_subsets,
                                     subset_size=self.kid_subset_size)
             row["kid_mean"], row["kid_std"] = kid
