@@ -38,6 +38,7 @@ from cfgx.metrics.diversity import (
 from cfgx.metrics.eval_classifier import build_eval_classifier, classify, get_eval_classifier
 from cfgx.metrics.feature_cache import FeatureCache
 from cfgx.metrics.inception import FeatureExtractor
+from cfgx.metrics.reference import load_reference
 from cfgx.metrics.sfid import sfid_from_features
 from cfgx.metrics.standard import fid_from_features, inception_score_from_logits, kid_from_features
 from cfgx.store.locks import locked
@@ -76,6 +77,7 @@ class MetricSettings:
     classifier: dict[str, Any]
     dataset: dict[str, Any]
     cache: str
+    reference: str | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> MetricSettings:
@@ -84,7 +86,7 @@ class MetricSettings:
                    int(ec.dc_k), int(ec.kid_subsets), int(ec.kid_subset_size), int(ec.real_samples),
                    str(ec.real_split), ec.inception_weights, ec.inception_batch_size,
                    OmegaConf.to_container(ec.classifier, resolve=True),
-                   OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache))
+                   OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache), ec.get("reference"))
 
 
 class EvalSuite:
@@ -121,9 +123,23 @@ class EvalSuite:
         # Only rank 0 scores, so only it needs the real side (the small classifier's pass is not worth sharding).
         self.real = self._classifier_features(real_x) if distributed.is_main() else {}
 
+        self.ref = load_reference(opt.reference)  # read (and refused if wrong) before any sampling
         self.inception = None
         if "inception" in self.spaces:
             self._prepare_inception(opt, real_x)
+        if self.ref is not None:
+            self._use_reference()
+
+    def _use_reference(self) -> None:
+        """Stored statistics for the Fréchet distances; the file's images (if any) for PR/KID."""
+        if "inception" not in self.spaces and {"fid", "sfid"} & set(self.ref.stats):
+            raise CfgxError(f"eval.reference={self.ref.kind}:{self.ref.path} holds Inception statistics, but "
+                            "Inception is off: add eval.features=[classifier,inception]")
+        self.info["reference"] = self.ref.describe()
+        if self.ref.images is not None and self.inception is not None and distributed.is_main():
+            f = self.inception(self.ref.images)
+            self.real["inc_pool"], self.real["inc_spatial"] = f.pool, f.spatial
+            self.info["real_reference_inception"] = f"{self.ref.kind} arr_0 ({len(self.ref.images)})"
 
     def settings_hash(self) -> str:
         """Short hash of everything besides the samples that a row's numbers depend on."""
@@ -228,6 +244,10 @@ class EvalSuite:
             row["is_std"] = None if math.isnan(is_std) else is_std
             row["is_available"] = row["is_mean"] is not None
             row["diversity_within_class_inception"] = within_class_pairwise_distance(feats["inc_pool"], labels)
+        if self.ref is not None:  # stored statistics replace the reference side of the distances they cover
+            for column, key in (("fid", "inc_pool"), ("sfid", "inc_spatial")):
+                if key in feats and column in self.ref.stats:
+                    row[column] = self.ref.frechet(column, feats[key])
         # Per-class Fréchet distance needs more samples per class than feature dimensions.
         dim = feats["clf_feats"].shape[1]
         per_class = n // max(self.data.num_classes, 1)
