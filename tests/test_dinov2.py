@@ -124,3 +124,47 @@ def test_a_state_dict_with_a_wrong_key_is_refused_as_one_line(tmp_path):
         dinov2_extractor(tmp_path / "w.pth")
     assert "\n" not in str(err.value)
     assert isinstance(DinoV2FeatureNet(official_state(dim=64, depth=1)), torch.nn.Module)
+
+
+# ----------------------------------------------------------------------------- end to end (tiny digits run)
+
+
+def test_sweep_scores_fd_dinov2_and_an_edm2_reference_file_reproduces_it(tiny_run, tmp_path_factory, workdir, capsys):
+    import json
+
+    from conftest import private_copy
+
+    from cfgx.cli.entry import main
+
+    run = private_copy(tiny_run, tmp_path_factory, "dinov2")
+    weights = workdir / "dinov2_small.pth"
+    torch.save(official_state(dim=64, depth=2), weights)
+    dino = ["eval.features=[classifier,dinov2]", f"eval.dinov2_weights={weights}", "eval.num_samples=20",
+            "eval.real_samples=200"]  # DINOv2 at 224 px costs ~10 ms an image here
+    assert main(["sweep", "guidance=1", f"run={run}", *dino, "eval.dinov2_pr=true"]) == 0, capsys.readouterr().err
+    row = next(r for r in json.loads((run / "metrics.json").read_text()) if r["num_samples"] == 20)
+    assert row["fd_dinov2"] > 0 and 0 <= row["precision_dinov2"] <= 1 and row["vendi_dinov2"] >= 1
+    assert row["dinov2_weights"] == weights_sha256(weights) and row["extractor_dinov2"] == "dinov2-vitl14-edm2"
+    # The same reference set written as EDM2's pickle and read back gives the same FD_DINOv2.
+    ref = workdir / "digits_ref.pkl"
+    clf = ["eval.classifier.steps=150", "eval.classifier.width=8"]  # the run's classifier: cached
+    assert main(["reference", f"out={ref}", "format=edm", "dataset=digits", *dino, *clf]) == 0, capsys.readouterr()
+    assert main(["sweep", "guidance=1", f"run={run}", *dino, f"eval.reference=edm:{ref}"]) == 0
+    rows = [r for r in json.loads((run / "metrics.json").read_text()) if r.get("reference")]
+    assert len(rows) == 1 and rows[0]["reference"].startswith(f"edm:{ref} sha256=")
+    assert abs(rows[0]["fd_dinov2"] - row["fd_dinov2"]) <= 1e-9 * row["fd_dinov2"]
+
+
+def test_offline_without_dinov2_weights_fails_before_sampling(tiny_run, tmp_path_factory, workdir, capsys):
+    from conftest import private_copy
+
+    from cfgx.cli.entry import main
+
+    run = private_copy(tiny_run, tmp_path_factory, "dinov2_offline")
+    before = sorted(p.name for p in (run / "sweep").rglob("*"))
+    missing = workdir / "nowhere" / "dinov2_vitl14_pretrain.pth"
+    assert main(["sweep", "guidance=9", f"run={run}", "eval.features=[classifier,dinov2]",
+                 f"eval.dinov2_weights={missing}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(missing) in err and "cfgx prepare dinov2" in err
+    assert sorted(p.name for p in (run / "sweep").rglob("*")) == before  # nothing sampled or written

@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfgx.console import say
 from cfgx.errors import CfgxError
+from cfgx.metrics.feature_cache import FeatureCache
 from cfgx.metrics.inception import FeatureExtractor, _sha256_of_open
+from cfgx.store.locks import locked
 from cfgx.store.safeload import UnsafeFileError, safe_load
 
 DINOV2_FILENAME = "dinov2_vitl14_pretrain.pth"
@@ -134,3 +137,20 @@ def dinov2_extractor(weights: str | os.PathLike[str] | None, *, device: str | to
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CfgxError(f"DINOv2 weights at {path} could not be loaded ({first}): {fix}") from exc
     return FeatureExtractor(net, name=DINOV2_NAME, weights_hash=digest, device=device, batch_size=batch_size)
+
+
+def real_dinov2_features(ext: FeatureExtractor, real: torch.Tensor, cache_root: str, console=None,
+                         **identity: object) -> torch.Tensor:
+    """DINOv2 features of the uint8 reference images, cached like Inception's (keyed by the weights' hash).
+
+    Computed by one process: only rank 0 scores, and a ViT-L pass is not worth the sharding code here.
+    """
+    cache = FeatureCache(cache_root)
+    key = cache.key(**identity, **ext.provenance())
+    with locked(cache.root / f".{key}.lock", f"real DINOv2 features {cache.path(key)}", console):
+        hit = cache.load(key)
+        if hit is None or "cls" not in hit:
+            say(console, f"computing DINOv2 features of {len(real)} real images (cached: {cache.path(key)})")
+            hit = {"cls": ext(real).pool}
+            cache.save(key, hit)
+    return hit["cls"]

@@ -5,6 +5,9 @@ Feature spaces (``eval.features``):
   its features, within-class diversity, decision-boundary statistics.
 - ``inception``: the FID InceptionV3, one forward pass per image for FID, IS, KID and
   precision/recall/density/coverage/Vendi.
+- ``dinov2``: DINOv2 ViT-L/14 CLS features (EDM2's protocol, :mod:`cfgx.metrics.dinov2`) for
+  ``fd_dinov2``; with ``eval.dinov2_pr=true`` also precision/recall/density/coverage/Vendi there
+  (columns suffixed ``_dinov2``).
 ``auto`` picks classifier only for 8x8 digits and the toys (Inception features of
 8 px images mean little) and both spaces elsewhere.
 
@@ -29,6 +32,7 @@ from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats, classifier_metrics
+from cfgx.metrics.dinov2 import dinov2_extractor, real_dinov2_features, resolve_dinov2_path
 from cfgx.metrics.diversity import (
     density_coverage,
     improved_precision_recall,
@@ -52,10 +56,10 @@ def resolve_feature_spaces(features: Any, data: DatasetBundle) -> list[str]:
         return ["classifier"] if data.name in NO_INCEPTION or not data.is_image else ["classifier", "inception"]
     spaces = [features] if isinstance(features, str) else list(features)
     for s in spaces:
-        if s not in ("classifier", "inception"):
-            raise CfgxError(f"eval.features has {s!r}; valid: classifier, inception (or auto)")
-    if "inception" in spaces and not data.is_image:
-        raise CfgxError(f"eval.features=inception needs images, {data.name!r} is not an image dataset; "
+        if s not in ("classifier", "inception", "dinov2"):
+            raise CfgxError(f"eval.features has {s!r}; valid: classifier, inception, dinov2 (or auto)")
+    if {"inception", "dinov2"} & set(spaces) and not data.is_image:
+        raise CfgxError(f"eval.features={spaces} needs images, {data.name!r} is not an image dataset; "
                         "use eval.features=[classifier]")
     return ["classifier"] + [s for s in spaces if s != "classifier"]
 
@@ -78,6 +82,8 @@ class MetricSettings:
     dataset: dict[str, Any]
     cache: str
     reference: str | None = None
+    dinov2_weights: str | None = None
+    dinov2_pr: bool = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> MetricSettings:
@@ -86,7 +92,8 @@ class MetricSettings:
                    int(ec.dc_k), int(ec.kid_subsets), int(ec.kid_subset_size), int(ec.real_samples),
                    str(ec.real_split), ec.inception_weights, ec.inception_batch_size,
                    OmegaConf.to_container(ec.classifier, resolve=True),
-                   OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache), ec.get("reference"))
+                   OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache), ec.get("reference"),
+                   ec.get("dinov2_weights"), bool(ec.get("dinov2_pr", False)))
 
 
 class EvalSuite:
@@ -96,6 +103,8 @@ class EvalSuite:
         opt = MetricSettings.from_config(cfg)
         self.data, self.device, self.console = data, device, console
         self.spaces = resolve_feature_spaces(opt.features, data)
+        if "dinov2" in self.spaces:
+            resolve_dinov2_path(opt.dinov2_weights)  # offline without the file: say so before any work
         self.delta, self.pr_k, self.dc_k = opt.boundary_delta, opt.pr_k, opt.dc_k
         self.kid_subsets, self.kid_subset_size = opt.kid_subsets, opt.kid_subset_size
         n_real = opt.real_samples
@@ -127,6 +136,16 @@ class EvalSuite:
         self.inception = None
         if "inception" in self.spaces:
             self._prepare_inception(opt, real_x)
+        self.dinov2, self.dinov2_pr = None, opt.dinov2_pr
+        if "dinov2" in self.spaces:
+            self.dinov2 = dinov2_extractor(opt.dinov2_weights, device=device, batch_size=64)
+            prov = self.dinov2.provenance()
+            self.info.update({"extractor_dinov2": prov["extractor"], "dinov2_weights": prov["weights_sha256"]})
+            if distributed.is_main():
+                self.real["dino_cls"] = real_dinov2_features(
+                    self.dinov2, to_uint8(real_x), opt.cache, console, dataset=data.name, split=self.split,
+                    resolution=data.resolution, channels=data.channels, n_real=self.n_real, subset_seed=0,
+                    root=str(opt.dataset.get("root")))
         if self.ref is not None:
             self._use_reference()
 
@@ -140,13 +159,22 @@ class EvalSuite:
             f = self.inception(self.ref.images)
             self.real["inc_pool"], self.real["inc_spatial"] = f.pool, f.spatial
             self.info["real_reference_inception"] = f"{self.ref.kind} arr_0 ({len(self.ref.images)})"
+        if self.ref.images is not None and self.dinov2 is not None and distributed.is_main():
+            self.real["dino_cls"] = self.dinov2(self.ref.images).pool
 
     def settings_hash(self) -> str:
         """Short hash of everything besides the samples that a row's numbers depend on."""
         parts = {"spaces": self.spaces, "split": self.split, "n_real": self.n_real, "delta": self.delta,
                  "pr_k": self.pr_k, "dc_k": self.dc_k, "kid": [self.kid_subsets, self.kid_subset_size],
                  "extractors": {k: v for k, v in self.info.items() if k != "eval_classifier_acc"}}
+        if self.dinov2_pr:
+            parts["dinov2_pr"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+    def covers(self, feats: dict[str, torch.Tensor]) -> bool:
+        """Whether stored sample features hold every space this suite scores (sFID's may be absent: old files)."""
+        need = {"clf_feats"} | ({"inc_pool"} if self.inception is not None else set())
+        return need | ({"dino_cls"} if self.dinov2 is not None else set()) <= set(feats)
 
     # ------------------------------------------------------------------ features
 
@@ -202,6 +230,8 @@ class EvalSuite:
         """Features of one space only ("classifier" or "inception"), e.g. for nearest neighbours."""
         if space == "classifier":
             return self._classifier_features(x)["clf_feats"]
+        if space == "dinov2":
+            return self.dinov2(to_uint8(x)).pool
         return self.inception(to_uint8(x)).pool
 
     def extract(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -214,6 +244,8 @@ class EvalSuite:
                 out["inc_logits"] = f.logits
             if f.spatial is not None:
                 out["inc_spatial"] = f.spatial
+        if self.dinov2 is not None:
+            out["dino_cls"] = self.dinov2(to_uint8(x)).pool
         return out
 
     # ------------------------------------------------------------------ metrics
@@ -244,10 +276,25 @@ class EvalSuite:
             row["is_std"] = None if math.isnan(is_std) else is_std
             row["is_available"] = row["is_mean"] is not None
             row["diversity_within_class_inception"] = within_class_pairwise_distance(feats["inc_pool"], labels)
+        if "dino_cls" in feats:
+            self._score_dinov2(row, feats["dino_cls"])
         if self.ref is not None:  # stored statistics replace the reference side of the distances they cover
-            for column, key in (("fid", "inc_pool"), ("sfid", "inc_spatial")):
+            for column, key in (("fid", "inc_pool"), ("sfid", "inc_spatial"), ("fd_dinov2", "dino_cls")):
                 if key in feats and column in self.ref.stats:
                     row[column] = self.ref.frechet(column, feats[key])
+        self._per_class(row, feats, labels)
+        return row
+
+    def _score_dinov2(self, row: dict[str, Any], fake: torch.Tensor) -> None:
+        real = self.real["dino_cls"]
+        row["fd_dinov2"] = fid_from_features(real, fake)
+        if self.dinov2_pr:
+            row["precision_dinov2"], row["recall_dinov2"] = improved_precision_recall(real, fake, k=self.pr_k)
+            row["density_dinov2"], row["coverage_dinov2"] = density_coverage(real, fake, k=self.dc_k)
+            row["vendi_dinov2"] = vendi_score(fake)
+
+    def _per_class(self, row: dict[str, Any], feats: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        n = len(labels)
         # Per-class Fréchet distance needs more samples per class than feature dimensions.
         dim = feats["clf_feats"].shape[1]
         per_class = n // max(self.data.num_classes, 1)
@@ -256,7 +303,6 @@ class EvalSuite:
             vals = [fid_from_features(self.real["clf_feats"][real_y == c], feats["clf_feats"][labels == c])
                     for c in range(self.data.num_classes) if int((real_y == c).sum()) > dim]
             row["fd_classifier_per_class"] = sum(vals) / len(vals) if vals else None
-        return row
 
 
 def _shared_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root: str, device: torch.device,

@@ -181,6 +181,8 @@ class Sweeper:
             return None
         try:
             blob = safe_load(fpath)
+            if not self.suite.covers(blob["features"]):  # written before a feature space was switched on
+                return None
             return {"features": blob["features"], "timing": blob["timing"], "grid_x": blob.get("grid_x")}
         except (UnreadableFileError, KeyError, TypeError):
             say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")
