@@ -104,3 +104,26 @@ def test_cli_reference_needs_out_and_a_known_format(capsys):
     assert "needs out=PATH" in capsys.readouterr().err
     assert main(["reference", "out=x.npz", "format=tf"]) == 2
     assert "format='tf'" in capsys.readouterr().err
+
+
+def test_sweep_exports_its_samples_as_an_adm_npz(tiny_run, tmp_path_factory, workdir, capsys):
+    import json
+
+    from conftest import private_copy
+
+    from cfgx.data import to_uint8
+
+    run = private_copy(tiny_run, tmp_path_factory, "save_npz")
+    assert main(["sweep", "guidance=2", f"run={run}", "eval.num_samples=20", "eval.save_npz=true"]) == 0, \
+        capsys.readouterr().err
+    (npz,) = (run / "sweep" / "samples").glob("*.npz")
+    row = next(r for r in json.loads((run / "metrics.json").read_text()) if r["num_samples"] == 20)
+    with np.load(npz, allow_pickle=False) as z:
+        arr0, arr1 = z["arr_0"], z["arr_1"]
+    assert arr0.dtype == np.uint8 and arr0.shape == (20, 8, 8, 3) and arr1.shape == (20,)
+    assert np.bincount(arr1).tolist() == [2] * 10  # balanced labels, in sampling order
+    # The images are the row's samples: the first ones are the grid's, saved with the features.
+    (feat,) = [f for f in (run / "sweep" / "features").glob("*.pt") if f.stem == npz.stem]
+    blob = torch.load(feat, weights_only=True)
+    grid = to_uint8(blob["grid_x"]).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(arr0[:len(grid)], grid) and row["s"] == 2.0

@@ -194,3 +194,20 @@ def write_reference(path: str | Path, kind: str, features: dict[str, torch.Tenso
         raise CfgxError(f"reference format {kind!r}; valid: {', '.join(KINDS)}")
     tmp.replace(path)
     return path
+
+
+def write_samples_npz(path: str | Path, images: torch.Tensor, labels: torch.Tensor) -> Path:
+    """Samples as ADM's evaluator reads a sample batch: ``arr_0`` uint8 NHWC, ``arr_1`` the class labels.
+
+    Grayscale is replicated to RGB: ADM's Inception graph takes 3 channels, as cfgx's metrics do.
+    """
+    path = Path(path)
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8),
+                 arr_1=labels.cpu().numpy().astype(np.int64))
+    tmp.replace(path)
+    return path

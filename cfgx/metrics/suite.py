@@ -84,6 +84,7 @@ class MetricSettings:
     reference: str | None = None
     dinov2_weights: str | None = None
     dinov2_pr: bool = False
+    save_npz: bool = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> MetricSettings:
@@ -93,7 +94,8 @@ class MetricSettings:
                    str(ec.real_split), ec.inception_weights, ec.inception_batch_size,
                    OmegaConf.to_container(ec.classifier, resolve=True),
                    OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache), ec.get("reference"),
-                   ec.get("dinov2_weights"), bool(ec.get("dinov2_pr", False)))
+                   ec.get("dinov2_weights"), bool(ec.get("dinov2_pr", False)),
+                   bool(ec.get("save_npz", False)))
 
 
 class EvalSuite:
@@ -136,7 +138,7 @@ class EvalSuite:
         self.inception = None
         if "inception" in self.spaces:
             self._prepare_inception(opt, real_x)
-        self.dinov2, self.dinov2_pr = None, opt.dinov2_pr
+        self.dinov2, self.dinov2_pr, self.save_npz = None, opt.dinov2_pr, opt.save_npz and data.is_image
         if "dinov2" in self.spaces:
             self.dinov2 = dinov2_extractor(opt.dinov2_weights, device=device, batch_size=64)
             prov = self.dinov2.provenance()
@@ -174,7 +176,8 @@ class EvalSuite:
     def covers(self, feats: dict[str, torch.Tensor]) -> bool:
         """Whether stored sample features hold every space this suite scores (sFID's may be absent: old files)."""
         need = {"clf_feats"} | ({"inc_pool"} if self.inception is not None else set())
-        return need | ({"dino_cls"} if self.dinov2 is not None else set()) <= set(feats)
+        need |= {"dino_cls"} if self.dinov2 is not None else set()
+        return need | ({"samples_u8"} if self.save_npz else set()) <= set(feats)
 
     # ------------------------------------------------------------------ features
 
@@ -246,6 +249,8 @@ class EvalSuite:
                 out["inc_spatial"] = f.spatial
         if self.dinov2 is not None:
             out["dino_cls"] = self.dinov2(to_uint8(x)).pool
+        if self.save_npz:  # kept with the features, so an ADM-format .npz can be written without resampling
+            out["samples_u8"] = to_uint8(x).cpu()
         return out
 
     # ------------------------------------------------------------------ metrics

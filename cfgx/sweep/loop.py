@@ -28,6 +28,7 @@ from cfgx.diffusion.guidance import Prepared, RuleEnv
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.loggers.hub import LoggerHub
+from cfgx.metrics.reference import write_samples_npz
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report.grids import save_grid, save_side_by_side
 from cfgx.report.plots import plot_run
@@ -204,6 +205,9 @@ class Sweeper:
                 if blob is None:  # ranks above 0: their part is done
                     continue
                 metrics = self.suite.score(blob["features"], self.labels)
+                if "samples_u8" in blob["features"]:  # eval.save_npz: for ADM's own evaluator
+                    write_samples_npz(self.run_dir / "sweep" / "samples" / self._key(p, v, plan.s).features_name(b)
+                                      .replace(".pt", ".npz"), blob["features"]["samples_u8"], self.labels)
                 metrics.update({f"_{k}": val for k, val in blob["timing"].items()})
                 per_variant[v].append(metrics)
                 if b == 0 and blob["grid_x"] is not None and self.data.is_image:
