@@ -27,17 +27,20 @@ SUBCOMMANDS = {
              "[guidance.method=[cfg,apg]] [checkpoint=all|last|STEP,...]",
     "report": "merge runs' tables, plots and frontier.md: cfgx report RUN [RUN ...] [out=DIR] "
               "[report.match_accuracy=0.99]",
-    "prepare": "download a dataset and the Inception weights ahead of time: cfgx prepare dataset=X",
+    "prepare": "fetch weights/datasets ahead of time: cfgx prepare [inception] [dinov2] [dataset=X]",
     "toy": "exact-score toys: trajectories and boundaries under CG/CFG: cfgx toy [dataset=gmm1d|gmm2d]",
     "train-classifier": "train the noise-conditional guidance classifier of a run: [run=PATH]",
     "postprocess": "train the flow-matching postprocessor of a run: cfgx postprocess [run=PATH]",
+    "reference": "write the reference set's statistics as an ADM/EDM2 reference file: cfgx reference out=PATH "
+                 "[format=adm|edm] [dataset=X]",
     "export": "a run's EMA weights as safetensors + model.json (no pickle): cfgx export [run=PATH] [out=DIR]",
 }
 # command -> (module, function), imported when the command runs
 COMMANDS = {"train": ("cfgx.cli.train", "cmd_train"), "sweep": ("cfgx.cli.sweep", "cmd_sweep"),
-            "report": ("cfgx.cli.report", "cmd_report"), "prepare": ("cfgx.cli.tools", "cmd_prepare"),
+            "report": ("cfgx.cli.report", "cmd_report"), "prepare": ("cfgx.cli.prepare", "cmd_prepare"),
             "toy": ("cfgx.cli.tools", "cmd_toy"), "train-classifier": ("cfgx.cli.tools", "cmd_train_classifier"),
-            "postprocess": ("cfgx.cli.tools", "cmd_postprocess"), "export": ("cfgx.cli.export", "cmd_export")}
+            "postprocess": ("cfgx.cli.tools", "cmd_postprocess"), "export": ("cfgx.cli.export", "cmd_export"),
+            "reference": ("cfgx.cli.reference", "cmd_reference")}
 
 
 def usage() -> str:

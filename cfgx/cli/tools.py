@@ -1,4 +1,4 @@
-"""The side commands: ``cfgx prepare``, ``cfgx toy``, ``cfgx train-classifier`` and ``cfgx postprocess``."""
+"""The side commands: ``cfgx toy``, ``cfgx train-classifier`` and ``cfgx postprocess``."""
 
 from __future__ import annotations
 
@@ -18,35 +18,11 @@ from cfgx.diffusion.guidance import get_rule
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
-from cfgx.metrics.inception import INCEPTION_WEIGHTS_URL, default_weights_path
 from cfgx.postprocess import train_postprocessor
 from cfgx.store.atomic import atomic_write_json, atomic_write_text
 from cfgx.store.checkpoints import load_ema_model
 from cfgx.store.rundir import new_run_dir, pick_device, provenance
 from cfgx.toy.analysis import run_toy
-
-# ---------------------------------------------------------------- prepare
-
-
-def cmd_prepare(args: list[str]) -> int:
-    """Fetch a dataset and the Inception weights while a network is available."""
-    cfg = compose(normalize_overrides(args) + ["dataset.download=true"])
-    console = make_console()
-    data = build_dataset(cfg.dataset)
-    console.print(f"dataset {data.name}: {len(data.train)} training images ready")
-    weights = Path(str(cfg.eval.inception_weights)) if cfg.eval.get("inception_weights") else default_weights_path()
-    if weights.is_file():
-        console.print(f"Inception weights present: {weights}")
-    else:
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(weights), progress=True)
-        except Exception as e:
-            raise CfgxError(f"could not download the Inception weights ({type(e).__name__}); fetch "
-                            f"{INCEPTION_WEIGHTS_URL} on a machine with internet and put it at {weights}") from None
-        console.print(f"Inception weights saved to {weights}")
-    return 0
-
 
 # ---------------------------------------------------------------- toy
 

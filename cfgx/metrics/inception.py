@@ -1,8 +1,8 @@
 """Inception-v3 feature extraction for FID / KID / IS / precision-recall.
 
-One forward pass per image yields both the pool3 features (2048-d, used by FID,
-KID, precision/recall, density/coverage, Vendi) and the classifier logits
-(1008-d in torch-fidelity's layout, used by the Inception Score).
+One forward pass per image yields the pool3 features (2048-d: FID, KID, precision/recall,
+density/coverage, Vendi), the classifier logits (1008-d, torch-fidelity's layout: Inception Score)
+and the sFID spatial features (2023-d, tapped by a hook: :mod:`cfgx.metrics.sfid`).
 
 The network is torch-fidelity's ``FeatureExtractorInceptionV3`` ('inception-v3-compat'):
 a port of the TF 2015-12-05 graph used by the original FID code (Heusel et al. 2017,
@@ -12,8 +12,8 @@ antialiasing. That matters: torchmetrics >= 1.8 defaults to an antialiased resiz
 which shifts FID away from published numbers, so we never go through it.
 
 Any small ``nn.Module`` can stand in for Inception (tests, toy data): it takes
-uint8 images ``[N, 3, H, W]`` and returns either ``pool`` ``[N, D]`` or a tuple
-``(pool [N, D], logits [N, K] | None)``.
+uint8 images ``[N, 3, H, W]`` and returns ``pool`` ``[N, D]`` or a tuple
+``(pool [N, D], logits [N, K] | None[, spatial [N, S]])``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cfgx.errors import CfgxError
+from cfgx.metrics.sfid import SpatialTap
 from cfgx.store.safeload import UnsafeFileError, safe_load
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -41,6 +42,9 @@ INCEPTION_NAME = "inception-v3-compat"
 # Bump when anything between "uint8 image" and "feature vector" changes (resize,
 # channel handling, layers read out): cached features keyed on it then go stale.
 FEATURE_PIPELINE_VERSION = 1
+
+
+_Maybe = torch.Tensor | None
 
 
 @runtime_checkable
@@ -60,6 +64,7 @@ class Features:
 
     pool: torch.Tensor
     logits: torch.Tensor | None
+    spatial: torch.Tensor | None = None  # sFID's [N, 2023] (float32: exact), when the net gives them
 
     def __len__(self) -> int:
         return self.pool.shape[0]
@@ -177,14 +182,15 @@ class InceptionV3FeatureNet(nn.Module):
         self.requires_grad_(False)
         self.eval()
         speed_up_for_inference(self.model)
+        self.tap = SpatialTap(self.model)
 
     @property
     def fc(self) -> nn.Linear:
         return self.model.fc
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pool, logits = self.model(images)
-        return pool, logits
+        return pool, logits, self.tap.take()
 
 
 def speed_up_for_inference(net: nn.Module) -> nn.Module:
@@ -327,25 +333,17 @@ class FeatureExtractor:
     ) -> FeatureExtractor:
         """The FID Inception-v3 from ``weights_path`` or the torch hub cache (never downloads)."""
         net = InceptionV3FeatureNet(weights_path)
-        return cls(
-            net,
-            name=INCEPTION_NAME,
-            weights_hash=net.weights_hash,  # of the bytes loaded, not of whatever the path holds now
-            device=device,
-            batch_size=batch_size,
-        )
+        # weights_hash: of the bytes loaded, not of whatever the path holds now
+        return cls(net, name=INCEPTION_NAME, weights_hash=net.weights_hash, device=device, batch_size=batch_size)
 
     def provenance(self) -> dict[str, str | int | None]:
         """What the features depend on besides the images: put it in cache keys and reports."""
-        return {
-            "extractor": self.name,
-            "weights_sha256": self.weights_hash,
-            "pipeline_version": FEATURE_PIPELINE_VERSION,
-        }
+        v = FEATURE_PIPELINE_VERSION
+        return {"extractor": self.name, "weights_sha256": self.weights_hash, "pipeline_version": v}
 
-    def _run(self, batch: torch.Tensor, use_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(self, batch: torch.Tensor, use_logits: bool) -> tuple[torch.Tensor, _Maybe, _Maybe]:
         out = self.net(batch.to(self.device, non_blocking=True))
-        pool, logits = out if isinstance(out, tuple) else (out, None)
+        pool, logits, spatial = (*out, None)[:3] if isinstance(out, tuple) else (out, None, None)
         if pool.dim() != 2 or pool.shape[0] != batch.shape[0]:
             raise CfgxError(
                 f"feature net {self.name} returned pool features of shape {tuple(pool.shape)} for "
@@ -356,7 +354,7 @@ class FeatureExtractor:
             logits = logits.detach().to("cpu", torch.float64)
         else:
             logits = None
-        return pool, logits
+        return pool, logits, None if spatial is None else spatial.detach().to("cpu", torch.float32)
 
     def extract(self, images: torch.Tensor | Iterable[torch.Tensor]) -> Features:
         """Features of uint8 images ``[N, C, H, W]`` (C in {1, 3}) or of an iterable of such batches.
@@ -377,6 +375,7 @@ class FeatureExtractor:
         batches = [images] if isinstance(images, torch.Tensor) else images
         pools: list[torch.Tensor] = []
         logits: list[torch.Tensor] = []
+        spatial: list[torch.Tensor] = []
         # Checked per call, not at construction: a shared classifier may have been trained since.
         use_logits = logits_available(self.net)
         no_logits = not use_logits
@@ -384,14 +383,16 @@ class FeatureExtractor:
             for big in batches:
                 big = _check_images(big)
                 for start in range(0, big.shape[0], self.batch_size):
-                    p, lg = self._run(big[start : start + self.batch_size], use_logits)
+                    p, lg, sp = self._run(big[start : start + self.batch_size], use_logits)
                     pools.append(p)
+                    spatial += [] if sp is None else [sp]
                     if lg is None:
                         no_logits = True
                     else:
                         logits.append(lg)
         if not pools:
             raise CfgxError("feature extraction got no images: pass at least one image")
-        return Features(pool=torch.cat(pools), logits=None if no_logits else torch.cat(logits))
+        return Features(pool=torch.cat(pools), logits=None if no_logits else torch.cat(logits),
+                        spatial=torch.cat(spatial) if len(spatial) == len(pools) else None)
 
     __call__ = extract

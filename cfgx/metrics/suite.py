@@ -5,6 +5,9 @@ Feature spaces (``eval.features``):
   its features, within-class diversity, decision-boundary statistics.
 - ``inception``: the FID InceptionV3, one forward pass per image for FID, IS, KID and
   precision/recall/density/coverage/Vendi.
+- ``dinov2``: DINOv2 ViT-L/14 CLS features (EDM2's protocol, :mod:`cfgx.metrics.dinov2`) for
+  ``fd_dinov2``; with ``eval.dinov2_pr=true`` also precision/recall/density/coverage/Vendi there
+  (columns suffixed ``_dinov2``).
 ``auto`` picks classifier only for 8x8 digits and the toys (Inception features of
 8 px images mean little) and both spaces elsewhere.
 
@@ -29,6 +32,7 @@ from cfgx.console import say
 from cfgx.data import DatasetBundle, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
 from cfgx.metrics.classifier import boundary_stats, classifier_metrics
+from cfgx.metrics.dinov2 import dinov2_extractor, real_dinov2_features, resolve_dinov2_path
 from cfgx.metrics.diversity import (
     density_coverage,
     improved_precision_recall,
@@ -38,6 +42,8 @@ from cfgx.metrics.diversity import (
 from cfgx.metrics.eval_classifier import build_eval_classifier, classify, get_eval_classifier
 from cfgx.metrics.feature_cache import FeatureCache
 from cfgx.metrics.inception import FeatureExtractor
+from cfgx.metrics.reference import load_reference
+from cfgx.metrics.sfid import sfid_from_features
 from cfgx.metrics.standard import fid_from_features, inception_score_from_logits, kid_from_features
 from cfgx.store.locks import locked
 
@@ -50,10 +56,10 @@ def resolve_feature_spaces(features: Any, data: DatasetBundle) -> list[str]:
         return ["classifier"] if data.name in NO_INCEPTION or not data.is_image else ["classifier", "inception"]
     spaces = [features] if isinstance(features, str) else list(features)
     for s in spaces:
-        if s not in ("classifier", "inception"):
-            raise CfgxError(f"eval.features has {s!r}; valid: classifier, inception (or auto)")
-    if "inception" in spaces and not data.is_image:
-        raise CfgxError(f"eval.features=inception needs images, {data.name!r} is not an image dataset; "
+        if s not in ("classifier", "inception", "dinov2"):
+            raise CfgxError(f"eval.features has {s!r}; valid: classifier, inception, dinov2 (or auto)")
+    if {"inception", "dinov2"} & set(spaces) and not data.is_image:
+        raise CfgxError(f"eval.features={spaces} needs images, {data.name!r} is not an image dataset; "
                         "use eval.features=[classifier]")
     return ["classifier"] + [s for s in spaces if s != "classifier"]
 
@@ -75,6 +81,10 @@ class MetricSettings:
     classifier: dict[str, Any]
     dataset: dict[str, Any]
     cache: str
+    reference: str | None = None
+    dinov2_weights: str | None = None
+    dinov2_pr: bool = False
+    save_npz: bool = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> MetricSettings:
@@ -83,7 +93,9 @@ class MetricSettings:
                    int(ec.dc_k), int(ec.kid_subsets), int(ec.kid_subset_size), int(ec.real_samples),
                    str(ec.real_split), ec.inception_weights, ec.inception_batch_size,
                    OmegaConf.to_container(ec.classifier, resolve=True),
-                   OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache))
+                   OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache), ec.get("reference"),
+                   ec.get("dinov2_weights"), bool(ec.get("dinov2_pr", False)),
+                   bool(ec.get("save_npz", False)))
 
 
 class EvalSuite:
@@ -93,6 +105,8 @@ class EvalSuite:
         opt = MetricSettings.from_config(cfg)
         self.data, self.device, self.console = data, device, console
         self.spaces = resolve_feature_spaces(opt.features, data)
+        if "dinov2" in self.spaces:
+            resolve_dinov2_path(opt.dinov2_weights)  # offline without the file: say so before any work
         self.delta, self.pr_k, self.dc_k = opt.boundary_delta, opt.pr_k, opt.dc_k
         self.kid_subsets, self.kid_subset_size = opt.kid_subsets, opt.kid_subset_size
         n_real = opt.real_samples
@@ -120,16 +134,50 @@ class EvalSuite:
         # Only rank 0 scores, so only it needs the real side (the small classifier's pass is not worth sharding).
         self.real = self._classifier_features(real_x) if distributed.is_main() else {}
 
+        self.ref = load_reference(opt.reference)  # read (and refused if wrong) before any sampling
         self.inception = None
         if "inception" in self.spaces:
             self._prepare_inception(opt, real_x)
+        self.dinov2, self.dinov2_pr, self.save_npz = None, opt.dinov2_pr, opt.save_npz and data.is_image
+        if "dinov2" in self.spaces:
+            self.dinov2 = dinov2_extractor(opt.dinov2_weights, device=device, batch_size=64)
+            prov = self.dinov2.provenance()
+            self.info.update({"extractor_dinov2": prov["extractor"], "dinov2_weights": prov["weights_sha256"]})
+            if distributed.is_main():
+                self.real["dino_cls"] = real_dinov2_features(
+                    self.dinov2, to_uint8(real_x), opt.cache, console, dataset=data.name, split=self.split,
+                    resolution=data.resolution, channels=data.channels, n_real=self.n_real, subset_seed=0,
+                    root=str(opt.dataset.get("root")))
+        if self.ref is not None:
+            self._use_reference()
+
+    def _use_reference(self) -> None:
+        """Stored statistics for the Fréchet distances; the file's images (if any) for PR/KID."""
+        if "inception" not in self.spaces and {"fid", "sfid"} & set(self.ref.stats):
+            raise CfgxError(f"eval.reference={self.ref.kind}:{self.ref.path} holds Inception statistics, but "
+                            "Inception is off: add eval.features=[classifier,inception]")
+        self.info["reference"] = self.ref.describe()
+        if self.ref.images is not None and self.inception is not None and distributed.is_main():
+            f = self.inception(self.ref.images)
+            self.real["inc_pool"], self.real["inc_spatial"] = f.pool, f.spatial
+            self.info["real_reference_inception"] = f"{self.ref.kind} arr_0 ({len(self.ref.images)})"
+        if self.ref.images is not None and self.dinov2 is not None and distributed.is_main():
+            self.real["dino_cls"] = self.dinov2(self.ref.images).pool
 
     def settings_hash(self) -> str:
         """Short hash of everything besides the samples that a row's numbers depend on."""
         parts = {"spaces": self.spaces, "split": self.split, "n_real": self.n_real, "delta": self.delta,
                  "pr_k": self.pr_k, "dc_k": self.dc_k, "kid": [self.kid_subsets, self.kid_subset_size],
                  "extractors": {k: v for k, v in self.info.items() if k != "eval_classifier_acc"}}
+        if self.dinov2_pr:
+            parts["dinov2_pr"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+    def covers(self, feats: dict[str, torch.Tensor]) -> bool:
+        """Whether stored sample features hold every space this suite scores (sFID's may be absent: old files)."""
+        need = {"clf_feats"} | ({"inc_pool"} if self.inception is not None else set())
+        need |= {"dino_cls"} if self.dinov2 is not None else set()
+        return need | ({"samples_u8"} if self.save_npz else set()) <= set(feats)
 
     # ------------------------------------------------------------------ features
 
@@ -158,32 +206,35 @@ class EvalSuite:
                 if distributed.is_main() else contextlib.nullcontext())
         with lock:
             hit = cache.load(key) if distributed.is_main() else None
+            hit = hit if hit is None or "spatial" in hit else None  # an entry from before sFID: upgraded in place
             if not distributed.broadcast_object(hit is not None):
                 say(self.console, f"computing Inception features of {self.n_real} real images (cached for every "
                                   f"run and scale: {cache.path(key)})")
-                pool = self._sharded_inception_pool(real_x)
-                if pool is not None:
-                    hit = {"pool": pool}
+                hit = self._sharded_inception_pool(real_x)
+                if hit is not None:
                     cache.save(key, hit)
         if hit is not None:
-            self.real["inc_pool"] = hit["pool"]
+            self.real["inc_pool"], self.real["inc_spatial"] = hit["pool"], hit["spatial"]
 
-    def _sharded_inception_pool(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Inception pool3 of ``x``, chunks spread over the ranks; the whole on rank 0, None elsewhere.
+    def _sharded_inception_pool(self, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Inception pool3 and sFID features of ``x``, chunks over the ranks; on rank 0, None elsewhere.
 
         Chunks are whole multiples of the extractor's batch, so each image sees the same
         batches as in one process and the features match it exactly.
         """
         chunk = 16 * self.inception.batch_size
-        local = {k: self.inception(to_uint8(x[k * chunk:(k + 1) * chunk])).pool
+        local = {k: self.inception(to_uint8(x[k * chunk:(k + 1) * chunk]))
                  for k in distributed.my_share(math.ceil(len(x) / chunk))}
         parts = distributed.gather_by_index(local)
-        return None if parts is None else torch.cat(parts)
+        return None if parts is None else {"pool": torch.cat([f.pool for f in parts]),
+                                           "spatial": torch.cat([f.spatial for f in parts])}
 
     def features_in(self, space: str, x: torch.Tensor) -> torch.Tensor:
         """Features of one space only ("classifier" or "inception"), e.g. for nearest neighbours."""
         if space == "classifier":
             return self._classifier_features(x)["clf_feats"]
+        if space == "dinov2":
+            return self.dinov2(to_uint8(x)).pool
         return self.inception(to_uint8(x)).pool
 
     def extract(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -194,6 +245,12 @@ class EvalSuite:
             out["inc_pool"] = f.pool
             if f.logits is not None:
                 out["inc_logits"] = f.logits
+            if f.spatial is not None:
+                out["inc_spatial"] = f.spatial
+        if self.dinov2 is not None:
+            out["dino_cls"] = self.dinov2(to_uint8(x)).pool
+        if self.save_npz:  # kept with the features, so an ADM-format .npz can be written without resampling
+            out["samples_u8"] = to_uint8(x).cpu()
         return out
 
     # ------------------------------------------------------------------ metrics
@@ -213,6 +270,9 @@ class EvalSuite:
         if "inc_pool" in feats:
             row["fid"] = fid_from_features(self.real["inc_pool"], feats["inc_pool"])
             row["fid_comparable"] = n >= INCEPTION_DIM
+            # sFID: absent from features files written before it existed (eval.overwrite=true recomputes)
+            row["sfid"] = (sfid_from_features(self.real["inc_spatial"], feats["inc_spatial"])
+                           if "inc_spatial" in feats and "inc_spatial" in self.real else None)
             kid = kid_from_features(self.real["inc_pool"], feats["inc_pool"], subsets=self.kid_subsets,
                                     subset_size=self.kid_subset_size)
             row["kid_mean"], row["kid_std"] = kid
@@ -221,6 +281,25 @@ class EvalSuite:
             row["is_std"] = None if math.isnan(is_std) else is_std
             row["is_available"] = row["is_mean"] is not None
             row["diversity_within_class_inception"] = within_class_pairwise_distance(feats["inc_pool"], labels)
+        if "dino_cls" in feats:
+            self._score_dinov2(row, feats["dino_cls"])
+        if self.ref is not None:  # stored statistics replace the reference side of the distances they cover
+            for column, key in (("fid", "inc_pool"), ("sfid", "inc_spatial"), ("fd_dinov2", "dino_cls")):
+                if key in feats and column in self.ref.stats:
+                    row[column] = self.ref.frechet(column, feats[key])
+        self._per_class(row, feats, labels)
+        return row
+
+    def _score_dinov2(self, row: dict[str, Any], fake: torch.Tensor) -> None:
+        real = self.real["dino_cls"]
+        row["fd_dinov2"] = fid_from_features(real, fake)
+        if self.dinov2_pr:
+            row["precision_dinov2"], row["recall_dinov2"] = improved_precision_recall(real, fake, k=self.pr_k)
+            row["density_dinov2"], row["coverage_dinov2"] = density_coverage(real, fake, k=self.dc_k)
+            row["vendi_dinov2"] = vendi_score(fake)
+
+    def _per_class(self, row: dict[str, Any], feats: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        n = len(labels)
         # Per-class Fréchet distance needs more samples per class than feature dimensions.
         dim = feats["clf_feats"].shape[1]
         per_class = n // max(self.data.num_classes, 1)
@@ -229,7 +308,6 @@ class EvalSuite:
             vals = [fid_from_features(self.real["clf_feats"][real_y == c], feats["clf_feats"][labels == c])
                     for c in range(self.data.num_classes) if int((real_y == c).sum()) > dim]
             row["fd_classifier_per_class"] = sum(vals) / len(vals) if vals else None
-        return row
 
 
 def _shared_eval_classifier(data: DatasetBundle, dcfg: dict, ccfg: dict, cache_root: str, device: torch.device,

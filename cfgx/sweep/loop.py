@@ -28,6 +28,7 @@ from cfgx.diffusion.guidance import Prepared, RuleEnv
 from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.loggers.hub import LoggerHub
+from cfgx.metrics.reference import write_samples_npz
 from cfgx.metrics.suite import EvalSuite
 from cfgx.report.grids import save_grid, save_side_by_side
 from cfgx.report.plots import plot_run
@@ -184,6 +185,8 @@ class Sweeper:
             blob = safe_load(fpath)
             if not features_blob(blob):
                 raise TypeError("not the structure a sweep writes")
+            if not self.suite.covers(blob["features"]):  # written before a feature space was switched on
+                return None
             return {"features": blob["features"], "timing": blob["timing"], "grid_x": blob.get("grid_x")}
         except (UnreadableFileError, KeyError, TypeError):
             say(self.console, f"[yellow]{fpath} is unreadable; recomputing it")
@@ -205,6 +208,9 @@ class Sweeper:
                 if blob is None:  # ranks above 0: their part is done
                     continue
                 metrics = self.suite.score(blob["features"], self.labels)
+                if "samples_u8" in blob["features"]:  # eval.save_npz: for ADM's own evaluator
+                    write_samples_npz(self.run_dir / "sweep" / "samples" / self._key(p, v, plan.s).features_name(b)
+                                      .replace(".pt", ".npz"), blob["features"]["samples_u8"], self.labels)
                 metrics.update({f"_{k}": val for k, val in blob["timing"].items()})
                 per_variant[v].append(metrics)
                 if b == 0 and blob["grid_x"] is not None and self.data.is_image:
