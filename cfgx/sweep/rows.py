@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,20 @@ def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
     return m, float(student_t.ppf(0.975, len(vals) - 1) * sd / len(vals) ** 0.5)
 
 
+_FD_NAME = re.compile(r"(s?fid|fd_[a-z0-9_]+)")
+BLOCKS_SUFFIX = "_blocks"  # a row's per-seed-block values of an FD column (eval.seed_blocks >= 2)
+
+
+def is_fd_metric(key: str) -> bool:
+    """Whether a row column is a Fréchet distance (FID, sFID, fd_*) to rank scales by, not its interval,
+    per-block values or flags; cfgx/report/best_scale.py locates each one's best s."""
+    return (bool(_FD_NAME.fullmatch(key)) and not key.endswith(("_ci95", BLOCKS_SUFFIX, "_comparable"))
+            and "_per_class" not in key)
+
+
 def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from the seed blocks' rows: numbers as mean with a ``<key>_ci95`` column, the rest as is."""
+    """One row from the seed blocks' rows: numbers as mean with a ``<key>_ci95`` column, the rest as is;
+    FD columns also keep each block's value (``<key>_blocks``) for the best-s interval."""
     if len(block_rows) == 1:
         return dict(block_rows[0])
     out: dict[str, Any] = {}
@@ -102,6 +115,8 @@ def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
                 any(v is not None for v in vals):
             out[k], ci = mean_ci(vals)
             out[f"{k}_ci95"] = ci
+            if is_fd_metric(k):
+                out[k + BLOCKS_SUFFIX] = [finite_or_none(v) for v in vals]
         else:
             out[k] = vals[0]
     return out
