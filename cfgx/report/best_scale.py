@@ -14,7 +14,8 @@ from typing import Any
 
 from rich.table import Table
 
-from cfgx.sweep.rows import BLOCKS_SUFFIX, is_fd_metric, mean_ci
+from cfgx.report.columns import BLOCKS_SUFFIX, is_fd_metric
+from cfgx.sweep.rows import mean_ci
 
 # Known FD-type columns and their names for a reader; any other fd_* column is taken too (lower is better).
 FD_LABELS = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "sfid": "sFID", "fd_classifier": "FD(clf)"}

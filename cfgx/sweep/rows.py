@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from scipy.stats import t as student_t
 
 from cfgx.console import say
+from cfgx.report.columns import BLOCKS_SUFFIX, is_fd_metric
 from cfgx.store.atomic import atomic_write_json
 from cfgx.store.rundir import scale_tag
 
@@ -90,17 +90,6 @@ def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
         return m, None
     sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
     return m, float(student_t.ppf(0.975, len(vals) - 1) * sd / len(vals) ** 0.5)
-
-
-_FD_NAME = re.compile(r"(s?fid|fd_[a-z0-9_]+)")
-BLOCKS_SUFFIX = "_blocks"  # a row's per-seed-block values of an FD column (eval.seed_blocks >= 2)
-
-
-def is_fd_metric(key: str) -> bool:
-    """Whether a row column is a Fréchet distance (FID, sFID, fd_*) to rank scales by, not its interval,
-    per-block values or flags; cfgx/report/best_scale.py locates each one's best s."""
-    return (bool(_FD_NAME.fullmatch(key)) and not key.endswith(("_ci95", BLOCKS_SUFFIX, "_comparable"))
-            and "_per_class" not in key)
 
 
 def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
