@@ -82,3 +82,26 @@ def test_auto_sweep_marks_rows_and_records_the_protocol(tiny_run, tmp_path_facto
     rows = json.loads((run / "metrics.json").read_text())
     assert {r["protocol"] for r in rows} == {"default", "quick"}
     assert [r["searched"] for r in rows if r["protocol"] == "quick"] == [False]
+
+
+@pytest.mark.slow
+def test_auto_search_under_torchrun_walks_the_same_scales_as_one_process(tiny_run, tmp_path_factory, cache_dir):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = ["guidance=auto:0:4", "guidance.auto_tol=0.5", *TINY_EVAL]
+    one, two = (private_copy(tiny_run, tmp_path_factory, tag) for tag in ("auto1", "auto2"))
+    assert main(["sweep", f"run={one}", *args]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), CFGX_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "cfgx", "sweep",
+                    f"run={two}", *args], env=env, check=True, timeout=600)
+    timing = {"seconds", "samples_per_s", "device"}
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    a, b = ([r for r in rows if r["searched"]] for rows in (a, b))
+    assert len(a) >= 4 and [r["s"] for r in a] == [r["s"] for r in b]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in b]
