@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from cfgx import schema
 from cfgx.errors import CfgxError
 from cfgx.loggers import check_loggers
+from cfgx.protocol import apply_eval_preset
+from cfgx.sweep.search import auto_overrides, auto_settings
 
 GROUPS = ("dataset", "backbone", "cond_drop", "guidance", "sampler", "train", "eval", "postprocess",
           "experiment", "logger")
@@ -97,7 +99,9 @@ def normalize_overrides(args: list[str], multirun: bool = False) -> list[str]:
         if not eq:
             out.append(a)
             continue
-        if key == "guidance" and (_is_number_list(value) or "," in value or value.startswith("[")):
+        if key == "guidance" and value.split(":")[0] == "auto":  # guidance=auto[:LO:HI]: search the best s
+            out += auto_overrides(value)
+        elif key == "guidance" and (_is_number_list(value) or "," in value or value.startswith("[")):
             scales = parse_scales(value)
             out.append("guidance.scales=[" + ",".join(repr(s) for s in scales) + "]")
         elif key == "logger" and "," in value:
@@ -140,6 +144,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
             cfg = hydra_compose(config_name="config", overrides=overrides)
         except Exception as e:  # Hydra's own override/struct errors, flattened to one line
             raise CfgxError(one_line_hydra_error(e)) from None
+    apply_eval_preset(cfg, overrides, config_dir())  # eval=fid50k's numbers beat the dataset's eval block
     return cfg
 
 
@@ -245,7 +250,7 @@ def validate(cfg: DictConfig) -> None:
         v = _num(cfg, key)
         _require(v == int(v) and v > 0, f"{key}={v} must be a positive integer")
     for key in ("eval.seed_blocks", "eval.real_samples", "eval.pr_k", "eval.dc_k"):
-        if OmegaConf.select(cfg, key) is not None:  # absent from configs of runs older than the key
+        if OmegaConf.select(cfg, key) not in (None, "all"):  # None: runs older than the key; all: whole split
             v = _num(cfg, key)
             _require(v == int(v) and v > 0, f"{key}={v} must be a positive integer")
     ibs = OmegaConf.select(cfg, "eval.inception_batch_size", default="auto")
@@ -260,6 +265,9 @@ def validate(cfg: DictConfig) -> None:
         _require(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(float(s)),
                  f"guidance scale {s!r} is not a finite number; e.g. guidance=0,1,3,7")
     guidance_rules(cfg)  # every rule's options, one line per problem
+    auto = auto_settings(cfg)  # guidance=auto: its range, tolerance and metric
+    for rule in guidance_rules(cfg) if auto else ():
+        rule.check_scales([auto[0], auto[1]])  # e.g. CFG++'s lambda <= 1 over the whole search range
     _require(cfg.diffusion.schedule in ("linear", "cosine"),
              f"diffusion.schedule={cfg.diffusion.schedule!r}; valid: linear, cosine")
     from cfgx.diffusion.samplers import SAMPLERS  # why: it imports torch, which 'cfgx --help' must not load

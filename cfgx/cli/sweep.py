@@ -24,6 +24,7 @@ from cfgx.loggers.hub import LoggerHub
 from cfgx.postprocess.flow import ignored_settings
 from cfgx.store.checkpoints import load_ema_model, load_snapshot_model, parse_checkpoints
 from cfgx.store.rundir import default_run_line, load_run_config, resolve_run
+from cfgx.sweep.search import scales_words
 
 
 def sweep_config(args: list[str], verb: str = "sweeping") -> tuple[DictConfig, Path]:
@@ -46,6 +47,9 @@ def sweep_config(args: list[str], verb: str = "sweeping") -> tuple[DictConfig, P
         make_console().print(default_run_line(verb, run_dir), markup=False, soft_wrap=True)
     cfg = merge_eval_overrides(OmegaConf.create(load_run_config(run_dir)), rest, fresh)
     cfg.run = str(run_dir)
+    if any(override_key(o) == "guidance.scales" for o in rest) and not any(override_key(o) == "guidance.auto"
+                                                                          for o in rest):
+        cfg.guidance.auto = False  # scales on the command line beat a run trained with guidance=auto
     validate(cfg)
     return cfg, run_dir
 
@@ -80,8 +84,7 @@ def cmd_sweep(args: list[str]) -> int:
                     console.print(note, markup=False)
             else:
                 model, step = load_snapshot_model(run_dir, cfg, data, schedule, device, snap), snap
-            say(console, f"sweeping {run_dir} (checkpoint step {step}) at s = "
-                          f"{', '.join('%g' % s for s in cfg.guidance.scales)}")
+            say(console, f"sweeping {run_dir} (checkpoint step {step}) " + scales_words(cfg))
             run_sweep(cfg, run_dir, data, model, step, device, console, hub=hub)
     return 0
 

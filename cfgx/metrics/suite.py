@@ -74,7 +74,7 @@ class MetricSettings:
     dc_k: int
     kid_subsets: int
     kid_subset_size: int
-    real_samples: int
+    real_samples: int | None   # None: eval.real_samples=all, the whole split
     real_split: str
     inception_weights: str | None
     inception_batch_size: int | str
@@ -90,7 +90,8 @@ class MetricSettings:
     def from_config(cls, cfg: DictConfig) -> MetricSettings:
         ec = cfg.eval
         return cls(OmegaConf.to_container(ec, resolve=True)["features"], float(ec.boundary_delta), int(ec.pr_k),
-                   int(ec.dc_k), int(ec.kid_subsets), int(ec.kid_subset_size), int(ec.real_samples),
+                   int(ec.dc_k), int(ec.kid_subsets), int(ec.kid_subset_size),
+                   None if str(ec.real_samples) == "all" else int(ec.real_samples),
                    str(ec.real_split), ec.inception_weights, ec.inception_batch_size,
                    OmegaConf.to_container(ec.classifier, resolve=True),
                    OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache), ec.get("reference"),
@@ -117,7 +118,7 @@ class EvalSuite:
             raise CfgxError(f"{data.name} has no test split; use eval.real_split=train (or give the "
                             "image folder a dataset.test_root)")
         real_x, real_y = stack_dataset(data.train if self.split == "train" else data.test)
-        if len(real_y) > n_real:  # a fixed, seeded subset: the same for every run of this dataset
+        if n_real is not None and len(real_y) > n_real:  # a fixed, seeded subset, the same for every run
             idx = torch.randperm(len(real_y), generator=torch.Generator().manual_seed(0))[:n_real]
             real_x, real_y = real_x[idx], real_y[idx]
         self.n_real = len(real_y)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cfgx.protocol import split_by_protocol
+from cfgx.report.best_scale import best_scale_markdown
 from cfgx.report.plots import latest_checkpoint_rows
 from cfgx.report.plotting import curve_figure, pyplot
 from cfgx.store.atomic import atomic_write_text
@@ -63,13 +65,23 @@ def _f(v: Any, nd: int = 3) -> str:
 
 
 def frontier_table(rows: list[dict], match: float = MATCH_ACCURACY) -> str:
-    """frontier.md: per rule, best FD and its s; recall and coverage at matched accuracy."""
-    rows = latest_rows(rows)
+    """frontier.md: one section per evaluation protocol (never mixing samplers, sample counts or
+    references); per rule, best FD and its s, recall and coverage at matched accuracy, best s per FD metric."""
+    parts = split_by_protocol(latest_rows(rows))
+    lines = ["# Guidance rules compared at matched fidelity\n"]
+    if len(parts) > 1:
+        lines.append(f"{len(parts)} evaluation protocols: each has its own section; rows of different protocols "
+                     "are never compared.\n")
+    for label, rs in parts:
+        lines += [f"## Protocol {label}\n", _protocol_section(rs, match), best_scale_markdown(rs)]
+    return "\n".join(lines)
+
+
+def _protocol_section(rows: list[dict], match: float) -> str:
     fk, fl = fd_key(rows)
     groups = by_method(rows)
     ref = next((r.get("eval_classifier_acc") for r in rows if r.get("eval_classifier_acc")), None)
-    lines = ["# Guidance rules compared at matched fidelity\n",
-             f"Matched accuracy: the first swept s whose sample accuracy reaches {match:g} x the evaluation "
+    lines = [f"Matched accuracy: the first swept s whose sample accuracy reaches {match:g} x the evaluation "
              f"classifier's accuracy on real held-out images ({_f(ref, 4)}), i.e. >= {_f(match * (ref or 1), 4)}. "
              f"Best {fl.split(' (')[0]}: lowest over the swept s. Same paired seeds for every rule.\n",
              f"| method | scales | best {fk} | at s | matched s | accuracy | recall | coverage | nfe at matched s |",
@@ -78,7 +90,7 @@ def frontier_table(rows: list[dict], match: float = MATCH_ACCURACY) -> str:
         scored = [r for r in rs if r.get(fk) is not None]
         best = min(scored, key=lambda r: r[fk]) if scored else None
         m = matched_point(rs, match)
-        scales = ",".join(f"{r['s']:g}" for r in rs)
+        scales = ",".join(f"{s:g}" for s in sorted({float(r["s"]) for r in rs}))
         if m["s"] is None:
             tail = f"not reached (max {_f(m['best_accuracy'])} at s={_f(m['best_s'])}) | | | | |"
         else:
@@ -94,10 +106,16 @@ PAIRS = [("fd", "recall", "frontier_fd_recall"), ("precision", "recall", "fronti
 
 
 def plot_frontiers(rows: list[dict], out_dir: Path, match: float = MATCH_ACCURACY) -> list[Path]:
-    """One figure per metric pair; one curve per rule, points labelled by s."""
-    plt = pyplot()
+    """One figure per metric pair and protocol (a suffix _p2, _p3 ... after the first); one curve per rule,
+    points labelled by s."""
+    paths = []
+    for i, (label, rs) in enumerate(split_by_protocol(latest_rows(rows))):
+        paths += _plot_protocol(rs, out_dir, match, "" if i == 0 else f"_p{i + 1}", label)
+    return paths
 
-    rows = latest_rows(rows)
+
+def _plot_protocol(rows: list[dict], out_dir: Path, match: float, suffix: str, protocol: str) -> list[Path]:
+    plt = pyplot()
     groups = by_method(rows)
     if not groups:
         return []
@@ -117,9 +135,10 @@ def plot_frontiers(rows: list[dict], out_dir: Path, match: float = MATCH_ACCURAC
             continue
         hline = (match * ref, f"matched: {match:g} x real-test accuracy") if ykey == "accuracy" and ref else None
         better = "lower is better" if ykey == "fd" else "up-right is better"
-        paths.append(Path(out_dir) / f"{fname}.png")
+        paths.append(Path(out_dir) / f"{fname}{suffix}.png")
         curve_figure(series, labels[xkey], labels[ykey],
-                     f"{labels[ykey].split(' (')[0]} vs {xkey} per guidance rule ({better}); point labels: s",
+                     f"{labels[ykey].split(' (')[0]} vs {xkey} per guidance rule ({better}); point labels: s; "
+                     f"protocol {protocol}",
                      paths[-1], colors={k: colors[k] for k in series}, hline=hline)
     return paths
 

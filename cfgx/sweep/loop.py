@@ -30,6 +30,7 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.loggers.hub import LoggerHub
 from cfgx.metrics.reference import write_samples_npz
 from cfgx.metrics.suite import EvalSuite
+from cfgx.report.best_scale import best_scale_console
 from cfgx.report.grids import save_grid, save_side_by_side
 from cfgx.report.plots import plot_run
 from cfgx.report.tables import console_table, write_tables
@@ -40,6 +41,7 @@ from cfgx.store.reader import features_blob
 from cfgx.store.rundir import device_name, versions
 from cfgx.store.safeload import UnreadableFileError, safe_load
 from cfgx.sweep.rows import RowKey, combine_blocks, finite_or_none, load_rows, read_row, write_row
+from cfgx.sweep.search import ScalePlanner, auto_settings, search_line, search_metric
 
 SEED_BLOCK_STRIDE = 1_000_000  # block b draws from seeds eval.seed + b * stride: disjoint streams
 
@@ -104,6 +106,9 @@ class Sweeper:
         self.suite = EvalSuite(cfg, data, device, console)
         self.metrics_hash = self.suite.settings_hash()
         self.fid_warned = False
+        auto = auto_settings(cfg)  # guidance=auto: search each rule's best s (cfgx/sweep/search.py)
+        self.search = auto and (*auto[:3], search_metric(auto[3], self.suite.spaces))
+        self.searching = False
         self.rows_dir = self.run_dir / "sweep" / "rows"
         self.feat_dir = self.run_dir / "sweep" / "features"
         self.loaded: dict[Path, dict[str, Any]] = {}  # rank 0: cached features the plan found, until scored
@@ -118,14 +123,18 @@ class Sweeper:
             if len(self.rules) > 1:
                 say(self.console, f"guidance {p.rule.label}")
             grids: dict[str, dict[str, torch.Tensor]] = {}
-            for s in scales:
+            planner = ScalePlanner(scales, self.search or None)  # rank 0 asks it; the others hear its answer
+            self.searching, n_done = planner.searched, len(out_rows)
+            while (s := distributed.on_main(lambda pl=planner, new=out_rows[n_done:]: pl.next(new))) is not None:
                 n_done = len(out_rows)
-                plan = distributed.on_main(lambda s=s, p=p, done=out_rows: self._plan(p, s, done))
+                plan = s if s == STOP else distributed.on_main(lambda s=s, p=p, d=out_rows: self._plan(p, s, d))
                 if plan == STOP:
                     return None
                 out_rows += self._run_plan(p, plan, grids)
                 for row in out_rows[n_done:]:  # this scale's rows, new or already in the table
                     self.hub.log_row(row)
+            if planner.searched and distributed.is_main():
+                say(self.console, search_line(p.rule.label, planner, self.search))
             if distributed.is_main():
                 for path in self._save_side_by_side(p, grids):
                     self.hub.log_image(path, self.ckpt_step)
@@ -279,7 +288,8 @@ class Sweeper:
         vers = versions()
         n, blocks = self.opt.num_samples, self.opt.seed_blocks
         row: dict[str, Any] = {"s": s, "w_ho": s - 1.0, "method": p.rule.label, "postprocess": postprocess,
-                               **p.rule.row_fields(s)}
+                               **p.rule.row_fields(s), "protocol": str(self.cfg.eval.get("protocol", "default")),
+                               "searched": self.searching}
         row.update({k: finite_or_none(v) for k, v in m.items()})
         if postprocess != "none" and self.post is not None:
             row.update(self.post.row_fields())
@@ -342,6 +352,9 @@ def run_sweep(cfg: DictConfig, run_dir: Path, data: DatasetBundle, model: torch.
         console.print(console_table(rows, title=f"{data.name}: {', '.join(p.rule.label for p in sweeper.rules)} "
                                                 f"guidance, {sweeper.sampler.name} {len(sweeper.sampler.timesteps)} "
                                                 f"steps, {sweeper.opt.num_samples} samples/scale"))
+        best = best_scale_console(rows)  # this sweep's rows: one protocol
+        if best is not None:
+            console.print(best)
         console.print(f"sweep took {time.perf_counter() - t0:.1f}s; wrote {run_dir}/metrics.csv, metrics.json, "
                       "metrics.md and plots")
     return rows

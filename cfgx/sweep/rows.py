@@ -15,6 +15,7 @@ from typing import Any
 from scipy.stats import t as student_t
 
 from cfgx.console import say
+from cfgx.report.columns import BLOCKS_SUFFIX, is_fd_metric
 from cfgx.store.atomic import atomic_write_json
 from cfgx.store.reader import try_json
 from cfgx.store.rundir import scale_tag
@@ -89,7 +90,8 @@ def mean_ci(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from the seed blocks' rows: numbers as mean with a ``<key>_ci95`` column, the rest as is."""
+    """One row from the seed blocks' rows: numbers as mean with a ``<key>_ci95`` column, the rest as is;
+    FD columns also keep each block's value (``<key>_blocks``) for the best-s interval."""
     if len(block_rows) == 1:
         return dict(block_rows[0])
     out: dict[str, Any] = {}
@@ -99,6 +101,8 @@ def combine_blocks(block_rows: list[dict[str, Any]]) -> dict[str, Any]:
                 any(v is not None for v in vals):
             out[k], ci = mean_ci(vals)
             out[f"{k}_ci95"] = ci
+            if is_fd_metric(k):
+                out[k + BLOCKS_SUFFIX] = [finite_or_none(v) for v in vals]
         else:
             out[k] = vals[0]
     return out
