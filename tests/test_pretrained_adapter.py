@@ -141,3 +141,47 @@ def test_conditional_sampling_through_each_adapter_reaches_the_mixture(kind: str
         d = wasserstein_distance(x[y.numpy() == c], ref)
         assert d < W1_TOL_DDIM, f"{kind} class {c}: W1 {d:.4f}"
     assert math.isfinite(float(x.sum()))
+
+
+# ---- model=py:package.module:factory ---------------------------------------------------------
+
+ENTRY_MODULE = '''
+import torch
+from cfgx.data.gmm import gmm1d
+from cfgx.pretrained.adapter import Conventions
+
+
+class EDMDenoiser(torch.nn.Module):
+    """D(x; sigma) of the mixture: what an EDM-style network computes."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.mix = mix
+
+    def forward(self, x, sigma, y):
+        sig = sigma.double().view(-1, 1)
+        abar = 1 / (1 + sig * sig)
+        return x.double() - sig * self.mix.eps(x.double() * abar.sqrt(), abar.view(-1), y)
+
+
+def factory(mu=1.0):
+    mix = gmm1d(mu=mu, std=0.2, weights=(0.3, 0.7))
+    return EDMDenoiser(mix), Conventions("x0", "edm", num_classes=2, null_index=2)
+'''
+
+
+def test_py_entry_point_loads_an_edm_denoiser(tmp_path, monkeypatch) -> None:
+    from cfgx.pretrained.entry import load_entry
+
+    (tmp_path / "my_edm_model.py").write_text(ENTRY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    den = load_entry("py:my_edm_model:factory", mu=1.0).denoiser(SCHEDULE)
+    mix = gmm1d(mu=1.0, std=0.2, weights=(0.3, 0.7))
+    x, y = torch.randn(16, 1), torch.arange(16) % 3
+    for t in (0, 250, 999):
+        tt = torch.full((16,), t, dtype=torch.long)
+        torch.testing.assert_close(den(x, tt, y), ExactDenoiser(mix, SCHEDULE)(x, tt, y), atol=1e-5, rtol=0)
+    for bad, msg in (("py:my_edm_model", "not an entry point"), ("py:no_such_mod:f", "cannot import"),
+                     ("py:my_edm_model:nothing", "no function")):
+        with pytest.raises(CfgxError, match=msg):
+            load_entry(bad)
