@@ -1,0 +1,83 @@
+"""diffusers ``DiTTransformer2DModel`` + ``AutoencoderKL`` (Peebles & Xie 2023, "Scalable Diffusion Models
+with Transformers") from a local diffusers folder, as a cfgx ``Pretrained``.
+
+The folder is what ``DiTPipeline.save_pretrained`` writes (``transformer/``, ``vae/``, ``scheduler/``);
+weights are read from safetensors only (``use_safetensors=True``: no pickle runs). What the model says
+about itself sets its conventions: eps prediction on discrete DDPM time with the scheduler's betas,
+learned-variance channels when ``out_channels == 2 * in_channels``, and the null label read from the
+model (``num_embeds_ada_norm``: the class-embedding row after the real classes), not the 1000 that
+``DiTPipeline`` hard-codes (huggingface/diffusers#13616).
+
+DiTPipeline guides every one of the ``in_channels`` latent channels of eps (its learned-variance half is
+dropped before the scheduler step); cfgx's rules act on the same eps, so a cfgx cfg row at scale s is
+DiTPipeline's ``guidance_scale=s``. (facebookresearch/DiT's own sample.py guides only the first 3 of the
+4 channels; that is not what DiTPipeline does.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cfgx.errors import CfgxError
+from cfgx.pretrained.adapter import Conventions, LatentCodec
+from cfgx.pretrained.entry import Pretrained
+
+# diffusers beta_schedule -> cfgx NoiseSchedule kind (cfgx has no scaled_linear: latent SD models only)
+BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+
+
+class DiTNet(nn.Module):
+    """``net(x', t, y)`` around a diffusers DiT (its forward takes keywords and returns an output object)."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.transformer(x, timestep=t, class_labels=y).sample
+
+
+def scheduler_schedule(folder: Path) -> dict[str, Any]:
+    """The NoiseSchedule keywords of a diffusers ``scheduler/scheduler_config.json`` (DDPM defaults without one)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    kind = cfg.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES:
+        raise CfgxError(f"{path}: beta_schedule {kind!r} is not supported; cfgx has {', '.join(BETA_SCHEDULES)}")
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if kind == "linear" and n != 1000:
+        raise CfgxError(f"{path}: linear betas over {n} steps (cfgx rescales linear betas to 1000-step end points)")
+    return {"kind": BETA_SCHEDULES[kind], "num_steps": n, "beta_start": float(cfg.get("beta_start", 1e-4)),
+            "beta_end": float(cfg.get("beta_end", 0.02))}
+
+
+def load_dit(folder: str | Path, device: torch.device | str = "cpu") -> Pretrained:
+    """A DiT pipeline folder (or a bare transformer folder, no decoder) as a ``Pretrained``."""
+    # why: diffusers is the optional [pretrained] extra; only this loader needs it
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    folder = Path(folder)
+    tdir = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    try:
+        transformer = DiTTransformer2DModel.from_pretrained(tdir, use_safetensors=True).to(device).eval()
+        vae = (AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).to(device).eval()
+               if (folder / "vae").is_dir() else None)
+    except (OSError, ValueError) as e:
+        raise CfgxError(f"cannot load a diffusers DiT from {folder} ({str(e).splitlines()[0]}); give the folder "
+                        "DiTPipeline.save_pretrained wrote, with .safetensors weights") from None
+    c = transformer.config
+    num_classes = int(c.num_embeds_ada_norm)
+    conv = Conventions("eps", "ddpm", num_classes=num_classes, null_index=num_classes,
+                       learned_sigma=int(c.out_channels) == 2 * int(c.in_channels),
+                       schedule=scheduler_schedule(folder))
+    codec = None
+    if vae is not None:
+        codec = LatentCodec(lambda z: vae.decode(z).sample, scale=float(vae.config.scaling_factor),
+                            shift=float(getattr(vae.config, "shift_factor", None) or 0.0))
+    return Pretrained(DiTNet(transformer), conv, codec=codec,
+                      shape=(int(c.in_channels), int(c.sample_size), int(c.sample_size)))
