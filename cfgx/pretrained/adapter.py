@@ -145,10 +145,14 @@ class ExternalDenoiser(nn.Module):
     """
 
     def __init__(self, net: Any, conv: Conventions, schedule: NoiseSchedule, uncond: Any = None,
-                 name: str = "external") -> None:
+                 name: str = "external", codec: LatentCodec | None = None,
+                 sample_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         conv.check(uncond is not None)
         self.net, self.uncond, self.conv, self.schedule, self.name = net, uncond, conv, schedule, name
+        self.codec, self.sample_shape = codec, sample_shape
+        if codec is not None:  # a latent x0 is no image: clipping it to [-1, 1] would distort it (the sweep reads this)
+            self.clip_x0 = None
         self.num_classes = int(conv.num_classes)
         self.map = ProcessMap(conv)
         self._lam = _sched_logsnr(schedule)
@@ -156,8 +160,16 @@ class ExternalDenoiser(nn.Module):
     def row_fields(self) -> dict[str, Any]:
         """Columns naming the model's conventions; rules not linear in the prediction (rescale, APG,
         CFG-Zero*) act on cfgx's eps / x0 of the VP process, which ``guidance_space`` says."""
-        return {"model_prediction": self.conv.prediction, "model_time": self.conv.time,
+        return {"model": self.name, "model_prediction": self.conv.prediction, "model_time": self.conv.time,
                 "guidance_space": f"cfgx VP eps/x0 (converted from the model's {self.conv.prediction})"}
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1]: decoded in batches for a latent model, unchanged otherwise."""
+        return x if self.codec is None else self.codec.decode(x.to(self.device_of())).float().cpu()
+
+    def device_of(self) -> torch.device:
+        p = next(iter(self.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def _call(self, net: Any, xp: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         out = net(xp, time) if y is None else net(xp, time, y)
@@ -189,19 +201,19 @@ class ExternalDenoiser(nn.Module):
         return eps.float()
 
 
-@dataclass
-class LatentCodec:
-    """Latent -> image: ``decoder(z / scale + shift)`` in batches (diffusers' AutoencoderKL convention)."""
+class LatentCodec(nn.Module):
+    """Latent -> image: ``decoder(z / scale + shift)`` in batches (diffusers' AutoencoderKL convention).
 
-    decoder: Any
-    scale: float = 1.0
-    shift: float = 0.0
-    batch_size: int = 16
+    A module, so that moving the denoiser to a device moves its decoder with it.
+    """
+
+    def __init__(self, decoder: nn.Module, scale: float = 1.0, shift: float = 0.0, batch_size: int = 16) -> None:
+        super().__init__()
+        self.decoder, self.scale, self.shift, self.batch_size = decoder, float(scale), float(shift), int(batch_size)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        outs = [self.decoder(zb / self.scale + self.shift) for zb in z.split(self.batch_size)]
-        return torch.cat(outs)
+        return torch.cat([self.decoder(zb / self.scale + self.shift) for zb in z.split(self.batch_size)])
 
 
 def log_snr(abar: float) -> float:

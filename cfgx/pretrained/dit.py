@@ -42,6 +42,17 @@ class DiTNet(nn.Module):
         return self.transformer(x, timestep=t, class_labels=y).sample
 
 
+class VAEDecoder(nn.Module):
+    """``decoder(z) -> image`` around a diffusers AutoencoderKL."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+
 def scheduler_schedule(folder: Path) -> dict[str, Any]:
     """The NoiseSchedule keywords of a diffusers ``scheduler/scheduler_config.json`` (DDPM defaults without one)."""
     path = folder / "scheduler" / "scheduler_config.json"
@@ -64,8 +75,9 @@ def load_dit(folder: str | Path, device: torch.device | str = "cpu") -> Pretrain
     folder = Path(folder)
     tdir = folder / "transformer" if (folder / "transformer").is_dir() else folder
     try:
-        transformer = DiTTransformer2DModel.from_pretrained(tdir, use_safetensors=True).to(device).eval()
-        vae = (AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).to(device).eval()
+        opts = {"use_safetensors": True, "low_cpu_mem_usage": False}  # no pickle; no accelerate needed
+        transformer = DiTTransformer2DModel.from_pretrained(tdir, **opts).to(device).eval()
+        vae = (AutoencoderKL.from_pretrained(folder / "vae", **opts).to(device).eval()
                if (folder / "vae").is_dir() else None)
     except (OSError, ValueError) as e:
         raise CfgxError(f"cannot load a diffusers DiT from {folder} ({str(e).splitlines()[0]}); give the folder "
@@ -77,7 +89,7 @@ def load_dit(folder: str | Path, device: torch.device | str = "cpu") -> Pretrain
                        schedule=scheduler_schedule(folder))
     codec = None
     if vae is not None:
-        codec = LatentCodec(lambda z: vae.decode(z).sample, scale=float(vae.config.scaling_factor),
+        codec = LatentCodec(VAEDecoder(vae), scale=float(vae.config.scaling_factor),
                             shift=float(getattr(vae.config, "shift_factor", None) or 0.0))
     return Pretrained(DiTNet(transformer), conv, codec=codec,
                       shape=(int(c.in_channels), int(c.sample_size), int(c.sample_size)))

@@ -34,7 +34,8 @@ class Pretrained:
 
     def denoiser(self, schedule: NoiseSchedule, name: str = "external") -> ExternalDenoiser:
         """cfgx's ``model(x, t, y) -> eps`` on ``schedule`` (the one the sampler walks)."""
-        return ExternalDenoiser(self.net, self.conventions, schedule, uncond=self.uncond, name=name)
+        return ExternalDenoiser(self.net, self.conventions, schedule, uncond=self.uncond, name=name,
+                                codec=self.codec, sample_shape=self.shape)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -1,0 +1,61 @@
+"""An imported run's model: ``backbone: {name: pretrained, source: ..., loader: dit|py}`` -> cfgx denoiser.
+
+``cfgx import`` writes that block into the run's config.yaml; ``build_backbone`` calls ``load_pretrained``
+whenever the run is swept, so sweeps, reports and torchrun shards see an ordinary cfgx model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfgx.data.base import DatasetBundle
+from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
+from cfgx.pretrained.adapter import ExternalDenoiser
+from cfgx.pretrained.entry import PREFIX, Pretrained, load_entry
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
+
+
+def open_source(source: str, device: torch.device | str = "cpu") -> tuple[Pretrained, str]:
+    """The model a source names (``py:pkg.mod:factory`` or a diffusers DiT folder), and its loader name."""
+    if source.startswith(PREFIX):
+        return load_entry(source), "py"
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise CfgxError(f"model={source} is neither a folder nor py:package.module:factory; give a diffusers DiT "
+                        "folder (DiTPipeline.save_pretrained) or a Python entry point")
+    # why: dit.py imports diffusers inside its loader; this module must import without the extra
+    from cfgx.pretrained.dit import load_dit
+
+    return load_dit(path, device), "dit"
+
+
+def weights_sha256(source: str) -> dict[str, str]:
+    """sha256 of every weights file under a model folder (relative path -> hex); {} for py: sources."""
+    if source.startswith(PREFIX):
+        return {}
+    root = Path(source).expanduser()
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(f.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def load_pretrained(bcfg: Any, data: DatasetBundle, schedule: NoiseSchedule,
+                    device: torch.device | str = "cpu") -> ExternalDenoiser:
+    """The imported model on cfgx's ``schedule``, checked against the reference set's classes."""
+    pre, _ = open_source(str(bcfg.source), device)
+    nc = pre.conventions.num_classes
+    if data.num_classes != nc:
+        raise CfgxError(f"the model has {nc} classes but the reference set {data.name} has {data.num_classes}; "
+                        "give a reference folder with one sub-folder per model class, in class-index order")
+    return pre.denoiser(schedule, name=str(bcfg.source))
