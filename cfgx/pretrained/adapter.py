@@ -182,22 +182,26 @@ class ExternalDenoiser(nn.Module):
         time, a, s, da, ds = self.map(lam)
         sigma = torch.sigmoid(-2 * lam).sqrt()
         view = (-1, *([1] * (x.dim() - 1)))
+        # VP time (ddpm, vp) is cfgx's own process: x' = x, and an eps prediction needs no conversion.
+        same = self.conv.time in ("ddpm", "vp")
         c = (s / sigma).view(view)  # x' = c x: the model's process at cfgx's log-SNR
-        xp = (x.double() * c).to(x.dtype)  # the network sees its usual dtype ...
-        xp64 = xp.double()  # ... and the conversion uses exactly what it saw
+        xp = x if same else (x.double() * c).to(x.dtype)  # the network sees its usual dtype ...
         if self.conv.time == "ddpm" and self.conv.time_scale == 1 and bool((time == time.round()).all()):
             time = time.long()  # on the model's own grid: the integer step it was trained on
         null = y == self.num_classes
-        out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
         if self.conv.null_index is not None or not null.any():
             yy = torch.where(null, torch.full_like(y, int(self.conv.null_index or 0)), y)
-            out = self._call(self.net, xp, time, yy).double()
+            out = self._call(self.net, xp, time, yy)
         else:
+            out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
             cond = ~null
             if cond.any():
                 out[cond] = self._call(self.net, xp[cond], time[cond], y[cond]).double()
             out[null] = self._call(self.uncond, xp[null], time[null], None).double()
-        eps = to_eps(out, xp64, a.view(view), s.view(view), da.view(view), ds.view(view), self.conv.prediction)
+        if same and self.conv.prediction == "eps":
+            return out.float()
+        # ... and the conversion uses exactly what it saw, in float64
+        eps = to_eps(out, xp.double(), a.view(view), s.view(view), da.view(view), ds.view(view), self.conv.prediction)
         return eps.float()
 
 
