@@ -1,6 +1,7 @@
-"""``cfgx import model=SOURCE dataset.root=REF``: a run dir for an external model, with no training.
+"""``cfgx import model=SOURCE [vae=DIR] dataset.root=REF``: a run dir for an external model, with no training.
 
-SOURCE is a diffusers DiT folder (DiTPipeline.save_pretrained) or ``py:package.module:factory``; REF is
+SOURCE is a diffusers DiT folder (DiTPipeline.save_pretrained), an official DiT checkpoint file (with
+``vae=`` the AutoencoderKL folder), or ``py:package.module:factory``; REF is
 the reference image folder (one sub-folder per model class, in class-index order) that the metrics
 compare samples with and the evaluation classifier trains on. The run dir holds config.yaml (the
 ``backbone: pretrained`` block naming the source), meta.json (the weights' sha256, the model's
@@ -27,10 +28,11 @@ from cfgx.pretrained.load import open_source, weights_sha256
 from cfgx.store.rundir import new_run_dir, provenance
 
 
-def _split(args: list[str]) -> tuple[str, list[str]]:
+def _split(args: list[str]) -> tuple[str, str | None, list[str]]:
     overrides = normalize_overrides(args)
     models = [o.split("=", 1)[1] for o in overrides if o.startswith("model=")]
-    rest = [o for o in overrides if not o.startswith("model=")]
+    vaes = [str(Path(o.split("=", 1)[1]).expanduser().resolve()) for o in overrides if o.startswith("vae=")]
+    rest = [o for o in overrides if not o.startswith(("model=", "vae="))]
     if not models or not models[-1]:
         raise CfgxError("cfgx import needs model=SOURCE: a diffusers DiT folder or py:package.module:factory, "
                         "e.g. cfgx import model=./DiT-XL-2-256 dataset.root=./imagenet-val-256")
@@ -38,7 +40,7 @@ def _split(args: list[str]) -> tuple[str, list[str]]:
         raise CfgxError("cfgx import needs dataset.root=PATH: the reference image folder (<root>/<class>/<image>) "
                         "at the model's resolution")
     src = models[-1]
-    return (src if src.startswith(PREFIX) else str(Path(src).expanduser().resolve())), rest
+    return (src if src.startswith(PREFIX) else str(Path(src).expanduser().resolve())), (vaes or [None])[-1], rest
 
 
 def _image_shape(pre: Pretrained) -> tuple[int, ...]:
@@ -50,13 +52,13 @@ def _image_shape(pre: Pretrained) -> tuple[int, ...]:
     return tuple(pre.codec.decode(torch.zeros(1, *pre.shape)).shape[1:])
 
 
-def import_config(src: str, loader: str, pre: Pretrained, rest: list[str]) -> DictConfig:
+def import_config(src: str, vae: str | None, loader: str, pre: Pretrained, rest: list[str]) -> DictConfig:
     """The run's config: an imagefolder reference at the model's resolution, the model's schedule and sampler."""
     c, h, _ = _image_shape(pre)
     cfg = compose(["dataset=imagefolder", f"dataset.resolution={h}", f"dataset.channels={c}", *rest])
     conv = pre.conventions
     with open_dict(cfg):
-        cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader})
+        cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader, "vae": vae})
         if conv.time == "ddpm":  # sample on the model's own timesteps: the adapter's time map is then the identity
             sched = conv.schedule
             cfg.diffusion.schedule, cfg.diffusion.num_steps = sched["kind"], int(sched["num_steps"])
@@ -69,17 +71,18 @@ def import_config(src: str, loader: str, pre: Pretrained, rest: list[str]) -> Di
 
 
 def cmd_import(args: list[str]) -> int:
-    src, rest = _split(args)
+    src, vae, rest = _split(args)
     con = make_console()
-    pre, loader = open_source(src)
-    cfg = import_config(src, loader, pre, rest)
+    pre, loader = open_source(src, vae=vae)
+    cfg = import_config(src, vae, loader, pre, rest)
     data = build_dataset(cfg.dataset)
     if data.num_classes != pre.conventions.num_classes:
         raise CfgxError(f"the model has {pre.conventions.num_classes} classes but {cfg.dataset.root} has "
                         f"{data.num_classes} class folders; give one folder per model class, in class-index order")
     meta = {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seed": int(cfg.seed), "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": True,
-            "imported": {"source": src, "loader": loader, "weights_sha256": weights_sha256(src),
+            "imported": {"source": src, "vae": vae, "loader": loader,
+                         "weights_sha256": {**weights_sha256(src), **(weights_sha256(vae) if vae else {})},
                          "conventions": dataclasses.asdict(pre.conventions),
                          "latent": pre.codec is not None, "sample_shape": list(pre.shape or [])},
             **provenance(torch.device("cpu"))}

@@ -26,6 +26,7 @@ from torch import nn
 from cfgx.errors import CfgxError
 from cfgx.pretrained.adapter import Conventions, LatentCodec
 from cfgx.pretrained.entry import Pretrained
+from cfgx.pretrained.weights import load_dit_transformer
 
 # diffusers beta_schedule -> cfgx NoiseSchedule kind (cfgx has no scaled_linear: latent SD models only)
 BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
@@ -67,29 +68,33 @@ def scheduler_schedule(folder: Path) -> dict[str, Any]:
             "beta_end": float(cfg.get("beta_end", 0.02))}
 
 
-def load_dit(folder: str | Path, device: torch.device | str = "cpu") -> Pretrained:
-    """A DiT pipeline folder (or a bare transformer folder, no decoder) as a ``Pretrained``."""
-    # why: diffusers is the optional [pretrained] extra; only this loader needs it
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
+def load_dit(source: str | Path, device: torch.device | str = "cpu", vae: str | Path | None = None) -> Pretrained:
+    """A DiT pipeline folder, a bare transformer folder, or an official DiT checkpoint file, as a ``Pretrained``.
 
-    folder = Path(folder)
-    tdir = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    ``vae`` names the AutoencoderKL folder where ``source`` has no ``vae/`` beside it (a checkpoint file).
+    """
+    # why: diffusers is the optional [pretrained] extra; only this loader needs it
+    from diffusers import AutoencoderKL
+
+    source = Path(source)
+    folder = source if source.is_dir() else source.parent
+    tsrc = source / "transformer" if (source / "transformer").is_dir() else source
+    vdir = Path(vae) if vae else (source / "vae" if source.is_dir() and (source / "vae").is_dir() else None)
+    transformer = load_dit_transformer(tsrc, device)
     try:
         opts = {"use_safetensors": True, "low_cpu_mem_usage": False}  # no pickle; no accelerate needed
-        transformer = DiTTransformer2DModel.from_pretrained(tdir, **opts).to(device).eval()
-        vae = (AutoencoderKL.from_pretrained(folder / "vae", **opts).to(device).eval()
-               if (folder / "vae").is_dir() else None)
+        vae_model = AutoencoderKL.from_pretrained(vdir, **opts).to(device).eval() if vdir is not None else None
     except (OSError, ValueError) as e:
-        raise CfgxError(f"cannot load a diffusers DiT from {folder} ({str(e).splitlines()[0]}); give the folder "
-                        "DiTPipeline.save_pretrained wrote, with .safetensors weights") from None
+        raise CfgxError(f"cannot load the AutoencoderKL in {vdir} ({str(e).splitlines()[0]}); give the folder "
+                        "save_pretrained wrote, with .safetensors weights") from None
     c = transformer.config
     num_classes = int(c.num_embeds_ada_norm)
     conv = Conventions("eps", "ddpm", num_classes=num_classes, null_index=num_classes,
                        learned_sigma=int(c.out_channels) == 2 * int(c.in_channels),
                        schedule=scheduler_schedule(folder))
     codec = None
-    if vae is not None:
-        codec = LatentCodec(VAEDecoder(vae), scale=float(vae.config.scaling_factor),
-                            shift=float(getattr(vae.config, "shift_factor", None) or 0.0))
+    if vae_model is not None:
+        codec = LatentCodec(VAEDecoder(vae_model), scale=float(vae_model.config.scaling_factor),
+                            shift=float(getattr(vae_model.config, "shift_factor", None) or 0.0))
     return Pretrained(DiTNet(transformer), conv, codec=codec,
                       shape=(int(c.in_channels), int(c.sample_size), int(c.sample_size)))

@@ -21,27 +21,32 @@ from cfgx.pretrained.entry import PREFIX, Pretrained, load_entry
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
 
 
-def open_source(source: str, device: torch.device | str = "cpu") -> tuple[Pretrained, str]:
-    """The model a source names (``py:pkg.mod:factory`` or a diffusers DiT folder), and its loader name."""
+def open_source(source: str, device: torch.device | str = "cpu", vae: str | None = None) -> tuple[Pretrained, str]:
+    """The model a source names (``py:pkg.mod:factory``, a diffusers DiT folder, or an official DiT checkpoint
+    file with ``vae`` its decoder's folder), and its loader name."""
     if source.startswith(PREFIX):
         return load_entry(source), "py"
     path = Path(source).expanduser()
-    if not path.is_dir():
-        raise CfgxError(f"model={source} is neither a folder nor py:package.module:factory; give a diffusers DiT "
-                        "folder (DiTPipeline.save_pretrained) or a Python entry point")
-    # why: dit.py imports diffusers inside its loader; this module must import without the extra
+    if not path.is_dir() and not (path.is_file() and path.suffix in WEIGHT_SUFFIXES):
+        raise CfgxError(f"model={source} is neither a folder, a {'/'.join(WEIGHT_SUFFIXES)} checkpoint, nor "
+                        "py:package.module:factory; give a diffusers DiT folder (DiTPipeline.save_pretrained), "
+                        "a DiT checkpoint, or a Python entry point")
+    # why: dit.py imports diffusers at the top; this module must import without the [pretrained] extra
     from cfgx.pretrained.dit import load_dit
 
-    return load_dit(path, device), "dit"
+    return load_dit(path, device, vae=vae), "dit"
 
 
 def weights_sha256(source: str) -> dict[str, str]:
-    """sha256 of every weights file under a model folder (relative path -> hex); {} for py: sources."""
+    """sha256 of every weights file of a model folder or file (relative path -> hex); {} for py: sources."""
     if source.startswith(PREFIX):
         return {}
     root = Path(source).expanduser()
+    files = ([root] if root.is_file()
+             else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES))
+    root = root.parent if root.is_file() else root
     out = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+    for f in files:
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -53,7 +58,7 @@ def weights_sha256(source: str) -> dict[str, str]:
 def load_pretrained(bcfg: Any, data: DatasetBundle, schedule: NoiseSchedule,
                     device: torch.device | str = "cpu") -> ExternalDenoiser:
     """The imported model on cfgx's ``schedule``, checked against the reference set's classes."""
-    pre, _ = open_source(str(bcfg.source), device)
+    pre, _ = open_source(str(bcfg.source), device, vae=bcfg.get("vae"))
     nc = pre.conventions.num_classes
     if data.num_classes != nc:
         raise CfgxError(f"the model has {nc} classes but the reference set {data.name} has {data.num_classes}; "
