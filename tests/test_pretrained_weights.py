@@ -115,3 +115,35 @@ def test_crafted_pickle_is_refused_in_one_line_and_never_runs(tmp_path, how: str
     with pytest.raises(CfgxError, match="refusing"):
         load_dit_transformer(path)
     assert not marker.exists()
+
+
+def test_sit_checkpoint_is_velocity_on_its_own_time(tmp_path) -> None:
+    """SiT: DiT's keys, velocity u = x_data - noise of x' = t x_data + (1 - t) noise, called with t in [0, 1]."""
+    from cfgx.diffusion.schedule import NoiseSchedule
+    from cfgx.pretrained.dit import load_dit
+
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
+                                          num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    torch.save(_as_official(dit), tmp_path / "SiT-S-2.pt")
+    pre = load_dit(tmp_path / "SiT-S-2.pt", family="sit")
+    assert (pre.conventions.prediction, pre.conventions.time, pre.conventions.learned_sigma) == ("flow", "flow_rev",
+                                                                                                   True)
+    schedule = NoiseSchedule("linear", 1000)
+    den = pre.denoiser(schedule)
+    seen = []
+    inner = pre.net.transformer.forward
+    pre.net.transformer.forward = lambda x, timestep, class_labels: seen.append((x, timestep)) or inner(
+        x, timestep=timestep, class_labels=class_labels)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([600, 600]), torch.tensor([3, 10])
+    eps = den(x, t, y)
+    abar = float(schedule.alpha_bars[600])
+    alpha, sigma = abar ** 0.5, (1 - abar) ** 0.5
+    tau = alpha / (alpha + sigma)  # SiT time with the same signal-to-noise ratio
+    xp, ts = seen[0]
+    torch.testing.assert_close(ts.double(), torch.full((2,), tau, dtype=torch.float64))
+    torch.testing.assert_close(xp, x / (alpha + sigma))
+    with torch.no_grad():
+        u = inner(xp, timestep=ts, class_labels=y).sample[:, :4].double()
+    torch.testing.assert_close(eps.double(), xp.double() - tau * u, atol=1e-5, rtol=1e-5)  # x' - t u = noise

@@ -1,4 +1,4 @@
-"""``cfgx import model=SOURCE [vae=DIR] dataset.root=REF``: a run dir for an external model, with no training.
+"""``cfgx import model=SOURCE [vae=DIR] [family=dit|sit] dataset.root=REF``: a run dir for an external model.
 
 SOURCE is a diffusers DiT folder (DiTPipeline.save_pretrained), an official DiT checkpoint file (with
 ``vae=`` the AutoencoderKL folder), or ``py:package.module:factory``; REF is
@@ -28,11 +28,12 @@ from cfgx.pretrained.load import open_source, weights_sha256
 from cfgx.store.rundir import new_run_dir, provenance
 
 
-def _split(args: list[str]) -> tuple[str, str | None, list[str]]:
+def _split(args: list[str]) -> tuple[str, str | None, str, list[str]]:
     overrides = normalize_overrides(args)
     models = [o.split("=", 1)[1] for o in overrides if o.startswith("model=")]
     vaes = [str(Path(o.split("=", 1)[1]).expanduser().resolve()) for o in overrides if o.startswith("vae=")]
-    rest = [o for o in overrides if not o.startswith(("model=", "vae="))]
+    family = ([o.split("=", 1)[1] for o in overrides if o.startswith("family=")] or ["dit"])[-1]
+    rest = [o for o in overrides if not o.startswith(("model=", "vae=", "family="))]
     if not models or not models[-1]:
         raise CfgxError("cfgx import needs model=SOURCE: a diffusers DiT folder or py:package.module:factory, "
                         "e.g. cfgx import model=./DiT-XL-2-256 dataset.root=./imagenet-val-256")
@@ -40,7 +41,8 @@ def _split(args: list[str]) -> tuple[str, str | None, list[str]]:
         raise CfgxError("cfgx import needs dataset.root=PATH: the reference image folder (<root>/<class>/<image>) "
                         "at the model's resolution")
     src = models[-1]
-    return (src if src.startswith(PREFIX) else str(Path(src).expanduser().resolve())), (vaes or [None])[-1], rest
+    src = src if src.startswith(PREFIX) else str(Path(src).expanduser().resolve())
+    return src, (vaes or [None])[-1], family, rest
 
 
 def _image_shape(pre: Pretrained) -> tuple[int, ...]:
@@ -52,29 +54,31 @@ def _image_shape(pre: Pretrained) -> tuple[int, ...]:
     return tuple(pre.codec.decode(torch.zeros(1, *pre.shape)).shape[1:])
 
 
-def import_config(src: str, vae: str | None, loader: str, pre: Pretrained, rest: list[str]) -> DictConfig:
+def import_config(src: str, vae: str | None, family: str, loader: str, pre: Pretrained,
+                  rest: list[str]) -> DictConfig:
     """The run's config: an imagefolder reference at the model's resolution, the model's schedule and sampler."""
     c, h, _ = _image_shape(pre)
     cfg = compose(["dataset=imagefolder", f"dataset.resolution={h}", f"dataset.channels={c}", *rest])
     conv = pre.conventions
     with open_dict(cfg):
-        cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader, "vae": vae})
+        cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader, "vae": vae,
+                                        "family": family})
         if conv.time == "ddpm":  # sample on the model's own timesteps: the adapter's time map is then the identity
             sched = conv.schedule
             cfg.diffusion.schedule, cfg.diffusion.num_steps = sched["kind"], int(sched["num_steps"])
             cfg.diffusion.beta_start = float(sched.get("beta_start", 1e-4))
             cfg.diffusion.beta_end = float(sched.get("beta_end", 0.02))
-        if loader == "dit" and not any(o.startswith("sampler.spacing=") for o in rest):
+        if loader == "dit" and conv.time == "ddpm" and not any(o.startswith("sampler.spacing=") for o in rest):
             cfg.sampler.spacing = "leading"  # DiTPipeline's DDIMScheduler default: rows comparable with it
     validate(cfg)
     return cfg
 
 
 def cmd_import(args: list[str]) -> int:
-    src, vae, rest = _split(args)
+    src, vae, family, rest = _split(args)
     con = make_console()
-    pre, loader = open_source(src, vae=vae)
-    cfg = import_config(src, vae, loader, pre, rest)
+    pre, loader = open_source(src, vae=vae, family=family)
+    cfg = import_config(src, vae, family, loader, pre, rest)
     data = build_dataset(cfg.dataset)
     if data.num_classes != pre.conventions.num_classes:
         raise CfgxError(f"the model has {pre.conventions.num_classes} classes but {cfg.dataset.root} has "

@@ -68,11 +68,20 @@ def scheduler_schedule(folder: Path) -> dict[str, Any]:
             "beta_end": float(cfg.get("beta_end", 0.02))}
 
 
-def load_dit(source: str | Path, device: torch.device | str = "cpu", vae: str | Path | None = None) -> Pretrained:
-    """A DiT pipeline folder, a bare transformer folder, or an official DiT checkpoint file, as a ``Pretrained``.
+FAMILIES = ("dit", "sit")
+
+
+def load_dit(source: str | Path, device: torch.device | str = "cpu", vae: str | Path | None = None,
+             family: str = "dit") -> Pretrained:
+    """A DiT pipeline folder, a bare transformer folder, or an official DiT/SiT checkpoint file, as a ``Pretrained``.
 
     ``vae`` names the AutoencoderKL folder where ``source`` has no ``vae/`` beside it (a checkpoint file).
+    ``family="sit"``: SiT (Ma et al. 2024, "SiT: Exploring Flow and Diffusion-based Generative Models with
+    Scalable Interpolant Transformers") has DiT's architecture and keys but predicts the velocity of the
+    linear interpolant x_t = t x_data + (1 - t) noise, called with t in [0, 1] (t = 1: data).
     """
+    if family not in FAMILIES:
+        raise CfgxError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
     # why: diffusers is the optional [pretrained] extra; only this loader needs it
     from diffusers import AutoencoderKL
 
@@ -89,9 +98,13 @@ def load_dit(source: str | Path, device: torch.device | str = "cpu", vae: str | 
                         "save_pretrained wrote, with .safetensors weights") from None
     c = transformer.config
     num_classes = int(c.num_embeds_ada_norm)
-    conv = Conventions("eps", "ddpm", num_classes=num_classes, null_index=num_classes,
-                       learned_sigma=int(c.out_channels) == 2 * int(c.in_channels),
-                       schedule=scheduler_schedule(folder))
+    learned_sigma = int(c.out_channels) == 2 * int(c.in_channels)
+    if family == "sit":
+        conv = Conventions("flow", "flow_rev", num_classes=num_classes, null_index=num_classes,
+                           learned_sigma=learned_sigma)
+    else:
+        conv = Conventions("eps", "ddpm", num_classes=num_classes, null_index=num_classes,
+                           learned_sigma=learned_sigma, schedule=scheduler_schedule(folder))
     codec = None
     if vae_model is not None:
         codec = LatentCodec(VAEDecoder(vae_model), scale=float(vae_model.config.scaling_factor),

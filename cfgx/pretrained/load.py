@@ -21,7 +21,8 @@ from cfgx.pretrained.entry import PREFIX, Pretrained, load_entry
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
 
 
-def open_source(source: str, device: torch.device | str = "cpu", vae: str | None = None) -> tuple[Pretrained, str]:
+def open_source(source: str, device: torch.device | str = "cpu", vae: str | None = None,
+                family: str = "dit") -> tuple[Pretrained, str]:
     """The model a source names (``py:pkg.mod:factory``, a diffusers DiT folder, or an official DiT checkpoint
     file with ``vae`` its decoder's folder), and its loader name."""
     if source.startswith(PREFIX):
@@ -34,7 +35,7 @@ def open_source(source: str, device: torch.device | str = "cpu", vae: str | None
     # why: dit.py imports diffusers at the top; this module must import without the [pretrained] extra
     from cfgx.pretrained.dit import load_dit
 
-    return load_dit(path, device, vae=vae), "dit"
+    return load_dit(path, device, vae=vae, family=family), "dit"
 
 
 def weights_sha256(source: str) -> dict[str, str]:
@@ -58,7 +59,7 @@ def weights_sha256(source: str) -> dict[str, str]:
 def load_pretrained(bcfg: Any, data: DatasetBundle, schedule: NoiseSchedule,
                     device: torch.device | str = "cpu") -> ExternalDenoiser:
     """The imported model on cfgx's ``schedule``, checked against the reference set's classes."""
-    pre, _ = open_source(str(bcfg.source), device, vae=bcfg.get("vae"))
+    pre, _ = open_source(str(bcfg.source), device, vae=bcfg.get("vae"), family=str(bcfg.get("family") or "dit"))
     nc = pre.conventions.num_classes
     if data.num_classes != nc:
         raise CfgxError(f"the model has {nc} classes but the reference set {data.name} has {data.num_classes}; "
