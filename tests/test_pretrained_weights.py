@@ -147,3 +147,40 @@ def test_sit_checkpoint_is_velocity_on_its_own_time(tmp_path) -> None:
     with torch.no_grad():
         u = inner(xp, timestep=ts, class_labels=y).sample[:, :4].double()
     torch.testing.assert_close(eps.double(), xp.double() - tau * u, atol=1e-5, rtol=1e-5)  # x' - t u = noise
+
+
+def test_unet2d_with_class_table_guided_ddim_equals_a_diffusers_loop(tmp_path) -> None:
+    """A v-predicting UNet2DModel (11 class rows: 10 classes + null) saved as unet/ + scheduler/: cfgx's guided
+    DDIM equals DDIMScheduler stepping the same guidance (linear, so v-space = eps-space guidance)."""
+    from cfgx.diffusion.samplers import build_sampler
+    from cfgx.diffusion.schedule import NoiseSchedule
+    from cfgx.pretrained.load import open_source
+    from cfgx.sample import generate
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8, num_class_embeds=11)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.eval().save_pretrained(tmp_path / "m" / "unet")
+    sched = diffusers.DDIMScheduler(prediction_type="v_prediction", clip_sample=False)
+    sched.save_pretrained(tmp_path / "m" / "scheduler")
+    pre, loader = open_source(str(tmp_path / "m"))
+    assert loader == "unet2d" and pre.conventions.prediction == "v" and pre.conventions.null_index == 10
+
+    labels, steps, scale, seed = torch.tensor([0, 4, 9]), 8, 3.0, 5
+    schedule = NoiseSchedule(**pre.conventions.schedule)
+    ours = generate(pre.denoiser(schedule), build_sampler("ddim", schedule, steps, clip_x0=None, spacing="leading"),
+                    pre.shape, labels, scale, seed, 3, torch.device("cpu")).x
+    g = torch.Generator().manual_seed(seed * 1_000_003)
+    x = torch.randn(3, *pre.shape, generator=g)
+    sched.set_timesteps(steps)
+    null = torch.full_like(labels, 10)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            c, u = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+            x = sched.step(u + scale * (c - u), t, x).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+    assert x.std() > 0.05

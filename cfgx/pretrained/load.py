@@ -7,6 +7,7 @@ whenever the run is swept, so sweeps, reports and torchrun shards see an ordinar
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,23 @@ def open_source(source: str, device: torch.device | str = "cpu", vae: str | None
         raise CfgxError(f"model={source} is neither a folder, a {'/'.join(WEIGHT_SUFFIXES)} checkpoint, nor "
                         "py:package.module:factory; give a diffusers DiT folder (DiTPipeline.save_pretrained), "
                         "a DiT checkpoint, or a Python entry point")
-    # why: dit.py imports diffusers at the top; this module must import without the [pretrained] extra
+    if path.is_dir() and _is_unet2d(path):
+        # why: unet2d.py needs the [pretrained] extra; this module must import without it
+        from cfgx.pretrained.unet2d import load_unet2d
+
+        return load_unet2d(path, device), "unet2d"
+    # why: dit.py needs the [pretrained] extra; this module must import without it
     from cfgx.pretrained.dit import load_dit
 
     return load_dit(path, device, vae=vae, family=family), "dit"
+
+
+def _is_unet2d(folder: Path) -> bool:
+    cfg = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel"
+    except (OSError, ValueError):
+        return False
 
 
 def weights_sha256(source: str) -> dict[str, str]:

@@ -149,10 +149,15 @@ def load_dit_transformer(path: str | Path, device: torch.device | str = "cpu") -
         for block in model.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = 0
         return model.to(device).eval()
-    files = [path / f"diffusion_pytorch_model{s}" for s in (".safetensors", ".bin", ".pt")]
+    return load_diffusers_model(DiTTransformer2DModel, path).to(device).eval()
+
+
+def load_diffusers_model(cls, folder: Path) -> torch.nn.Module:
+    """A diffusers model class from ``folder``'s config.json and its weights in .safetensors, .bin or .pt."""
+    files = [folder / f"diffusion_pytorch_model{s}" for s in (".safetensors", ".bin", ".pt")]
     found = next((f for f in files if f.is_file()), None)
-    if found is None or not (path / "config.json").is_file():
-        raise CfgxError(f"{path} holds no config.json with diffusion_pytorch_model.safetensors|.bin|.pt")
-    model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(path))
+    if found is None or not (folder / "config.json").is_file():
+        raise CfgxError(f"{folder} holds no config.json with diffusion_pytorch_model.safetensors|.bin|.pt")
+    model = cls.from_config(cls.load_config(folder))
     model.load_state_dict(read_state_dict(found))
-    return model.to(device).eval()
+    return model
