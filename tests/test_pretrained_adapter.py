@@ -185,3 +185,16 @@ def test_py_entry_point_loads_an_edm_denoiser(tmp_path, monkeypatch) -> None:
                      ("py:my_edm_model:nothing", "no function")):
         with pytest.raises(CfgxError, match=msg):
             load_entry(bad)
+
+
+def test_hub_fetch_offline_is_one_line(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touches the network: the offline path must fail in one line
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    from cfgx.pretrained.hub import fetch_pretrained
+
+    with pytest.raises(CfgxError) as e:
+        fetch_pretrained("facebook/DiT-XL-2-256", tmp_path / "dit")
+    assert "cannot fetch facebook/DiT-XL-2-256" in str(e.value) and "\n" not in str(e.value)
