@@ -85,7 +85,7 @@ def test_import_errors_are_one_line(workdir, capsys) -> None:
     assert main(["import", "model=dit"]) == 2
     assert "needs dataset.root=PATH" in capsys.readouterr().err
     assert main(["import", f"model={workdir / 'nowhere'}", "dataset.root=ref"]) == 2
-    assert "neither a folder nor py:" in capsys.readouterr().err
+    assert "is neither a folder, a .safetensors" in capsys.readouterr().err
     ref = _reference_folder(workdir / "ref3", classes=3, per_class=2)
     assert main(["import", "model=dit", f"dataset.root={ref}"]) == 2
     err = capsys.readouterr().err
