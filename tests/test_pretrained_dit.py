@@ -87,3 +87,24 @@ def test_dit_pipeline_cannot_guide_a_10_class_model(tmp_path) -> None:
     pipe = save_tiny_pipeline(tmp_path / "dit")
     with pytest.raises(IndexError):
         pipe(class_labels=[0], guidance_scale=4.0, num_inference_steps=2, output_type="pt")
+
+
+def test_guide_first_k_channels_matches_dits_forward_with_cfg(tmp_path) -> None:
+    """facebookresearch/DiT guides eps[:, :3] and keeps the rest from the model's output for the cond rows."""
+    from cfgx.diffusion.guidance import cfg_eps
+    from cfgx.pretrained.dit import load_dit
+
+    save_tiny_pipeline(tmp_path / "dit")
+    pre = load_dit(tmp_path / "dit")
+    schedule = NoiseSchedule(**pre.conventions.schedule)
+    den = pre.denoiser(schedule)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y, s = torch.full((3,), 500), torch.tensor([1, 2, 3]), 4.0
+    with torch.no_grad():
+        raw = pre.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)]))[:, :4]
+    c, u = raw.chunk(2)
+    want = torch.cat([u[:, :3] + s * (c[:, :3] - u[:, :3]), c[:, 3:]], dim=1)
+    full = cfg_eps(den, x, t, y, s)
+    den.set_guide_channels(3)
+    torch.testing.assert_close(cfg_eps(den, x, t, y, s), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(full[:, 3:], want[:, 3:])  # it changes what plain CFG does

@@ -1,4 +1,5 @@
-"""``cfgx import model=SOURCE [vae=DIR] [family=dit|sit] dataset.root=REF``: a run dir for an external model.
+"""``cfgx import model=SOURCE [vae=DIR] [family=dit|sit] [guide_channels=K] dataset.root=REF``: a run dir for an
+external model (``guide_channels=3``: guide only the first 3 latent channels, DiT/SiT's published protocol).
 
 SOURCE is a diffusers DiT folder (DiTPipeline.save_pretrained), an official DiT checkpoint file (with
 ``vae=`` the AutoencoderKL folder), or ``py:package.module:factory``; REF is
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -27,22 +29,29 @@ from cfgx.pretrained.entry import PREFIX, Pretrained
 from cfgx.pretrained.load import open_source, weights_sha256
 from cfgx.store.rundir import new_run_dir, provenance
 
+MODEL_KEYS = ("model", "vae", "family", "guide_channels")  # what cfgx import reads itself; the rest is config
 
-def _split(args: list[str]) -> tuple[str, str | None, str, list[str]]:
+
+def _split(args: list[str]) -> tuple[str, dict[str, Any], list[str]]:
+    """(model source, {vae, family, guide_channels}, config overrides)."""
     overrides = normalize_overrides(args)
-    models = [o.split("=", 1)[1] for o in overrides if o.startswith("model=")]
-    vaes = [str(Path(o.split("=", 1)[1]).expanduser().resolve()) for o in overrides if o.startswith("vae=")]
-    family = ([o.split("=", 1)[1] for o in overrides if o.startswith("family=")] or ["dit"])[-1]
-    rest = [o for o in overrides if not o.startswith(("model=", "vae=", "family="))]
-    if not models or not models[-1]:
+    mine = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in MODEL_KEYS}
+    rest = [o for o in overrides if o.split("=", 1)[0] not in MODEL_KEYS]
+    if not mine.get("model"):
         raise CfgxError("cfgx import needs model=SOURCE: a diffusers DiT folder or py:package.module:factory, "
                         "e.g. cfgx import model=./DiT-XL-2-256 dataset.root=./imagenet-val-256")
     if not any(o.startswith("dataset.root=") for o in rest):
         raise CfgxError("cfgx import needs dataset.root=PATH: the reference image folder (<root>/<class>/<image>) "
                         "at the model's resolution")
-    src = models[-1]
+    src = mine["model"]
     src = src if src.startswith(PREFIX) else str(Path(src).expanduser().resolve())
-    return src, (vaes or [None])[-1], family, rest
+    k = mine.get("guide_channels")
+    if k is not None and not (k.isdigit() and int(k) > 0):
+        raise CfgxError(f"guide_channels={k} is not a positive integer; DiT/SiT's published protocol guides 3 "
+                        "(guide_channels=3)")
+    opts = {"vae": str(Path(mine["vae"]).expanduser().resolve()) if mine.get("vae") else None,
+            "family": mine.get("family", "dit"), "guide_channels": int(k) if k else None}
+    return src, opts, rest
 
 
 def _image_shape(pre: Pretrained) -> tuple[int, ...]:
@@ -54,15 +63,13 @@ def _image_shape(pre: Pretrained) -> tuple[int, ...]:
     return tuple(pre.codec.decode(torch.zeros(1, *pre.shape)).shape[1:])
 
 
-def import_config(src: str, vae: str | None, family: str, loader: str, pre: Pretrained,
-                  rest: list[str]) -> DictConfig:
+def import_config(src: str, opts: dict[str, Any], loader: str, pre: Pretrained, rest: list[str]) -> DictConfig:
     """The run's config: an imagefolder reference at the model's resolution, the model's schedule and sampler."""
     c, h, _ = _image_shape(pre)
     cfg = compose(["dataset=imagefolder", f"dataset.resolution={h}", f"dataset.channels={c}", *rest])
     conv = pre.conventions
     with open_dict(cfg):
-        cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader, "vae": vae,
-                                        "family": family})
+        cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader, **opts})
         if conv.time == "ddpm":  # sample on the model's own timesteps: the adapter's time map is then the identity
             sched = conv.schedule
             cfg.diffusion.schedule, cfg.diffusion.num_steps = sched["kind"], int(sched["num_steps"])
@@ -75,18 +82,19 @@ def import_config(src: str, vae: str | None, family: str, loader: str, pre: Pret
 
 
 def cmd_import(args: list[str]) -> int:
-    src, vae, family, rest = _split(args)
+    src, opts, rest = _split(args)
     con = make_console()
-    pre, loader = open_source(src, vae=vae, family=family)
-    cfg = import_config(src, vae, family, loader, pre, rest)
+    pre, loader = open_source(src, vae=opts["vae"], family=opts["family"])
+    cfg = import_config(src, opts, loader, pre, rest)
     data = build_dataset(cfg.dataset)
     if data.num_classes != pre.conventions.num_classes:
         raise CfgxError(f"the model has {pre.conventions.num_classes} classes but {cfg.dataset.root} has "
                         f"{data.num_classes} class folders; give one folder per model class, in class-index order")
     meta = {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seed": int(cfg.seed), "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": True,
-            "imported": {"source": src, "vae": vae, "loader": loader,
-                         "weights_sha256": {**weights_sha256(src), **(weights_sha256(vae) if vae else {})},
+            "imported": {"source": src, **opts, "loader": loader,
+                         "weights_sha256": {**weights_sha256(src),
+                                            **(weights_sha256(opts["vae"]) if opts["vae"] else {})},
                          "conventions": dataclasses.asdict(pre.conventions),
                          "latent": pre.codec is not None, "sample_shape": list(pre.shape or [])},
             **provenance(torch.device("cpu"))}

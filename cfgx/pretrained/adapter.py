@@ -151,6 +151,7 @@ class ExternalDenoiser(nn.Module):
         conv.check(uncond is not None)
         self.net, self.uncond, self.conv, self.schedule, self.name = net, uncond, conv, schedule, name
         self.codec, self.sample_shape = codec, sample_shape
+        self.guide_channels: int | None = None  # set_guide_channels: DiT/SiT's published "guide 3 of 4" option
         if codec is not None:  # a latent x0 is no image: clipping it to [-1, 1] would distort it (the sweep reads this)
             self.clip_x0 = None
         self.num_classes = int(conv.num_classes)
@@ -161,7 +162,29 @@ class ExternalDenoiser(nn.Module):
         """Columns naming the model's conventions; rules not linear in the prediction (rescale, APG,
         CFG-Zero*) act on cfgx's eps / x0 of the VP process, which ``guidance_space`` says."""
         return {"model": self.name, "model_prediction": self.conv.prediction, "model_time": self.conv.time,
+                "guide_channels": self.guide_channels,
                 "guidance_space": f"cfgx VP eps/x0 (converted from the model's {self.conv.prediction})"}
+
+    def set_guide_channels(self, k: int | None) -> None:
+        """Guide only the first ``k`` channels (off: None). facebookresearch/DiT's and SiT's ``forward_with_cfg``
+        guide eps[:, :3] of the 4 latent channels and keep the conditional prediction in the rest, which is what
+        their published scales mean (DiT#12). Here the null branch's channels >= k are replaced by the
+        conditional branch's whenever a rule evaluates the pair as one batch (cond rows, then null rows, same
+        x): the guidance signal in those channels is zero, so rules linear in the prediction (cfg, interval,
+        weight schedules) leave them at the conditional prediction exactly as DiT does; the others (APG's
+        projection, rescale's norms) still act on all channels. Rows with only null labels (s = 0) are unchanged."""
+        if k is not None and (int(k) < 1 or (self.sample_shape and int(k) > self.sample_shape[0])):
+            raise CfgxError(f"guide_channels={k} must be between 1 and the model's channels")
+        self.guide_channels = None if k is None else int(k)
+
+    def _keep_tail_conditional(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, k = x.shape[0] // 2, self.guide_channels
+        null = y == self.num_classes
+        if k is None or x.shape[0] % 2 or not null[b:].all() or null[:b].any() or not torch.equal(x[:b], x[b:]):
+            return out
+        out = out.clone()
+        out[b:, k:] = out[:b, k:]
+        return out
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as images in [-1, 1]: decoded in batches for a latent model, unchanged otherwise."""
@@ -199,10 +222,10 @@ class ExternalDenoiser(nn.Module):
                 out[cond] = self._call(self.net, xp[cond], time[cond], y[cond]).double()
             out[null] = self._call(self.uncond, xp[null], time[null], None).double()
         if same and self.conv.prediction == "eps":
-            return out.float()
+            return self._keep_tail_conditional(out.float(), x, y)
         # ... and the conversion uses exactly what it saw, in float64
         eps = to_eps(out, xp.double(), a.view(view), s.view(view), da.view(view), ds.view(view), self.conv.prediction)
-        return eps.float()
+        return self._keep_tail_conditional(eps.float(), x, y)
 
 
 class LatentCodec(nn.Module):

@@ -78,4 +78,6 @@ def load_pretrained(bcfg: Any, data: DatasetBundle, schedule: NoiseSchedule,
     if data.num_classes != nc:
         raise CfgxError(f"the model has {nc} classes but the reference set {data.name} has {data.num_classes}; "
                         "give a reference folder with one sub-folder per model class, in class-index order")
-    return pre.denoiser(schedule, name=str(bcfg.source))
+    den = pre.denoiser(schedule, name=str(bcfg.source))
+    den.set_guide_channels(bcfg.get("guide_channels"))
+    return den
