@@ -25,6 +25,7 @@ bench:              ## throughput/timing benchmarks (not tests): demo wall time,
 	$(PY) scripts/bench_record.py   # bench_out/bench.json, with ratios to the previous record
 	$(PY) scripts/bench_ddp.py
 	$(PY) scripts/bench_threads.py   # digits training step: 1 process alone vs 2 side by side, thread budget
+	$(PY) scripts/bench_pretrained.py   # cfgx vs DiTPipeline on one tiny DiT (needs the [pretrained] extra)
 
 gpu-check:          ## on a CUDA machine: pytest -m gpu, CIFAR train img/s / peak memory / MFU, a 2k-sample sweep
 	$(PY) scripts/gpu_check.py

@@ -13,8 +13,9 @@ from cfgx.backbones.exact import ExactDenoiser
 from cfgx.backbones.unet import UNet
 from cfgx.data.base import DatasetBundle
 from cfgx.errors import CfgxError
+from cfgx.pretrained.load import load_pretrained
 
-BACKBONES = ("unet", "exact")
+BACKBONES = ("unet", "exact", "pretrained")
 
 
 def build_backbone(cfg, data: DatasetBundle, schedule=None) -> torch.nn.Module:
@@ -32,6 +33,8 @@ def build_backbone(cfg, data: DatasetBundle, schedule=None) -> torch.nn.Module:
             raise CfgxError(f"backbone=exact needs an analytic dataset (gmm1d, gmm2d), not "
                             f"{data.name!r}; pick dataset=gmm1d or a trainable backbone")
         return ExactDenoiser(data.extra["mixture"], schedule)
+    if cfg.name == "pretrained":  # written by cfgx import (cfgx/pretrained/)
+        return load_pretrained(cfg, data, schedule)
     raise CfgxError(f"unknown backbone {cfg.name!r}; valid: {', '.join(BACKBONES)}")
 
 

@@ -34,13 +34,16 @@ SUBCOMMANDS = {
     "reference": "write the reference set's statistics as an ADM/EDM2 reference file: cfgx reference out=PATH "
                  "[format=adm|edm] [dataset=X]",
     "export": "a run's EMA weights as safetensors + model.json (no pickle): cfgx export [run=PATH] [out=DIR]",
+    "import": "a run dir for a pretrained/external model (no training): cfgx import model=DIR|py:mod:fn "
+              "dataset.root=REF",
 }
 # command -> (module, function), imported when the command runs
 COMMANDS = {"train": ("cfgx.cli.train", "cmd_train"), "sweep": ("cfgx.cli.sweep", "cmd_sweep"),
             "report": ("cfgx.cli.report", "cmd_report"), "prepare": ("cfgx.cli.prepare", "cmd_prepare"),
             "toy": ("cfgx.cli.tools", "cmd_toy"), "train-classifier": ("cfgx.cli.tools", "cmd_train_classifier"),
             "postprocess": ("cfgx.cli.tools", "cmd_postprocess"), "export": ("cfgx.cli.export", "cmd_export"),
-            "reference": ("cfgx.cli.reference", "cmd_reference")}
+            "reference": ("cfgx.cli.reference", "cmd_reference"),
+            "import": ("cfgx.cli.import_", "cmd_import")}
 
 
 def usage() -> str:

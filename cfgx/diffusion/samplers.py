@@ -19,10 +19,21 @@ from cfgx.diffusion.schedule import NoiseSchedule
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def respaced_timesteps(num_train_steps: int, steps: int) -> list[int]:
-    """Evenly spaced timesteps, descending, always ending at t = 0."""
+SPACINGS = ("linspace", "leading")
+
+
+def respaced_timesteps(num_train_steps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """Evenly spaced timesteps, descending, always ending at t = 0.
+
+    ``linspace`` spans 0..T-1; ``leading`` is k * (T // steps) for k < steps, the default of diffusers'
+    DDIMScheduler (and so DiTPipeline's), which pretrained-model protocols are published with.
+    """
     if steps <= 0 or steps > num_train_steps:
         raise ValueError(f"sampler steps must be in [1, {num_train_steps}], got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown sampler spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    if spacing == "leading":
+        return (torch.arange(steps) * (num_train_steps // steps)).flip(0).tolist()
     ts = torch.linspace(0, num_train_steps - 1, steps).round().long().unique()
     return ts.flip(0).tolist()
 
@@ -62,12 +73,12 @@ class Sampler:
     name = "base"
 
     def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: float | None = 1.0,
-                 eta: float = 0.0) -> None:
+                 eta: float = 0.0, spacing: str = "linspace") -> None:
         self.schedule = schedule
         self.steps = steps
         self.clip_x0 = clip_x0
         self.eta = eta
-        self.timesteps = respaced_timesteps(schedule.num_steps, steps)
+        self.timesteps = respaced_timesteps(schedule.num_steps, steps, spacing)
 
     def _abar(self, t: int) -> float:
         return float(self.schedule.alpha_bars[t]) if t >= 0 else 1.0
@@ -202,7 +213,11 @@ SAMPLERS = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "dpmpp2m": DPMSolverPP2MSa
 
 
 def build_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float = 0.0,
-                  clip_x0: float | None = 1.0) -> Sampler:
+                  clip_x0: float | None = 1.0, spacing: str = "linspace") -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name](schedule, steps, clip_x0=clip_x0, eta=eta)
+    if spacing == "linspace":
+        return SAMPLERS[name](schedule, steps, clip_x0=clip_x0, eta=eta)
+    if name == "dpmpp2m":
+        raise ValueError("sampler=dpmpp2m spaces its steps in log-SNR; sampler.spacing applies to ddim and ddpm")
+    return SAMPLERS[name](schedule, steps, clip_x0=clip_x0, eta=eta, spacing=spacing)

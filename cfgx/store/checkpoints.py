@@ -90,7 +90,7 @@ def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule
                    device: torch.device) -> tuple[nn.Module, int]:
     """The EMA weights of a run's last checkpoint, ready for sampling; and its step."""
     model = build_backbone(cfg.backbone, data, schedule)
-    if cfg.backbone.name == "exact":
+    if cfg.backbone.name in ("exact", "pretrained"):  # nothing trained: the model is its own weights
         return model.to(device).eval(), 0
     path = Path(run_dir) / "checkpoints" / CKPT_NAME
     if not path.is_file():

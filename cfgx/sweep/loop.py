@@ -87,8 +87,13 @@ class Sweeper:
         self.hub = hub if hub is not None else LoggerHub()  # experiment loggers: rows and images (rank 0)
         self.opt = SweepSettings.from_config(cfg)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
+        # An imported model (cfgx/pretrained) may sample latents: its own shape, x0 clipping off, decoded later.
+        self.shape = getattr(model, "sample_shape", None) or data.shape
+        spacing = str(OmegaConf.select(cfg, "sampler.spacing", default="linspace"))
         self.sampler = build_sampler(cfg.sampler.name, self.schedule, int(cfg.sampler.steps),
-                                     float(cfg.sampler.eta), clip_x0=data.clip)
+                                     float(cfg.sampler.eta), clip_x0=getattr(model, "clip_x0", data.clip),
+                                     spacing=spacing)
+        self.sampler_tag = self.sampler.name + ("" if spacing == "linspace" else f"-{spacing}")  # rows and keys
         self.labels = balanced_labels(self.opt.num_samples, data.num_classes)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         # Every rule's extra model (guidance classifier, autoguidance guide) is loaded before sampling
@@ -150,7 +155,7 @@ class Sweeper:
         return out_rows
 
     def _key(self, p: Prepared, variant: str, s: float, metrics: str = "") -> RowKey:
-        return RowKey(p.tag, self.post_tag if variant != "none" else "none", self.sampler.name,
+        return RowKey(p.tag, self.post_tag if variant != "none" else "none", self.sampler_tag,
                       len(self.sampler.timesteps), self.sampler.eta, self.opt.num_samples, self.opt.batch_size,
                       self.opt.seed, self.opt.seed_blocks, self.ckpt_step, s, metrics)
 
@@ -251,10 +256,11 @@ class Sweeper:
         for k in distributed.my_share(math.ceil(self.opt.num_samples / bs)):
             labels = self.labels[k * bs:(k + 1) * bs]
             if k not in x_cache:
-                batch = generate(self.model, self.sampler, self.data.shape, labels, s,
+                batch = generate(self.model, self.sampler, self.shape, labels, s,
                                  self.opt.seed + b * SEED_BLOCK_STRIDE, bs, self.device, rule=p.rule,
                                  classifier=p.classifier, autocast_bf16=self.use_bf16, guide=p.guide, first_batch=k)
-                x_cache[k] = (batch.x, batch.seconds, batch.nfe)
+                x, t_dec = self._decoded(batch.x)
+                x_cache[k] = (x, batch.seconds + t_dec, batch.nfe)
             x, t, nfe = x_cache[k]
             secs += t
             if v != "none":
@@ -273,6 +279,14 @@ class Sweeper:
             tinfo = {"seconds": secs + post_secs, "nfe": nfe + post_nfe, "post_seconds": post_secs,
                      "post_nfe": post_nfe}
         return {"features": feats, "timing": tinfo, "grid_x": x_grid}
+
+    def _decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Latent samples of an imported model as images, and the seconds decoding took (counted in the row's)."""
+        if getattr(self.model, "codec", None) is None:
+            return x, 0.0
+        t0 = time.perf_counter()
+        x = self.model.decode(x)
+        return x, time.perf_counter() - t0
 
     def _grid_labels(self) -> torch.Tensor:
         return self.labels[: self.opt.grid_per_class * self.data.num_classes]
@@ -294,12 +308,13 @@ class Sweeper:
         if postprocess != "none" and self.post is not None:
             row.update(self.post.row_fields())
         row.update({
-            "sampler": self.sampler.name, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
+            "sampler": self.sampler_tag, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
             "nfe": nfe, "postprocess_nfe": post_nfe, "postprocess_seconds": post_s,
             "num_samples": n, "seed_blocks": blocks, "seed": self.opt.seed, "batch_size": self.opt.batch_size,
             "seconds": round(seconds * blocks, 3),
             "samples_per_s": round(n * blocks / (seconds * blocks), 2) if seconds > 0 else None,
             "checkpoint_step": self.ckpt_step, **self.suite.info, **p.info,
+            **(self.model.row_fields() if hasattr(self.model, "row_fields") else {}),
             "config_hash": config_hash(self.cfg), "device": device_name(self.device),
             "cfgx": vers.get("cfgx"), "torch": vers.get("torch"), "torchmetrics": vers.get("torchmetrics"),
         })

@@ -1,0 +1,247 @@
+"""Adapter contract: an external class-conditional denoiser seen as a cfgx ``model(x, t, y) -> eps``.
+
+An external network declares (``Conventions``) what it predicts, its own time variable, how it says
+"no class", and whether its output carries learned-variance channels. cfgx samples on its VP process
+x_t = alpha x0 + sigma eps (alpha^2 = abar_t of cfgx's schedule); at every sampler step the adapter
+finds the point of the model's own process with the *same log-SNR* lambda = log(alpha / sigma),
+
+    x' = c x  with  x' = a' x0 + s' eps,  a' / s' = alpha / sigma,  c = s' / sigma,
+
+evaluates the network there at its own time value, and converts its prediction to eps in float64.
+Every process with the same log-SNR has the same x0 and eps, so the conversion is exact (Kingma et
+al. 2021, "Variational Diffusion Models", Sec. 3: the SNR is all a Gaussian diffusion's marginals
+depend on), and every sampler and guidance rule of cfgx works unchanged on the result.
+
+Predictions: ``eps``; ``x0`` (EDM's D(x; sigma) is this, with time ``edm``); ``v`` (Salimans & Ho
+2022, v = alpha eps - sigma x0 on the variance-preserving normalisation); ``flow`` (the velocity
+dx'/dtau of the model's own path, Lipman et al. 2023 / Liu et al. 2023; SiT's is ``flow`` with time
+``flow_rev``).
+
+Time variables (what the network is called with):
+  ``ddpm``     discrete t of the model's own beta schedule (``schedule``), fractional where its
+               log-SNR falls between two of the model's steps, times ``time_scale``;
+  ``vp``       continuous VP-SDE time in [0, 1] (Song et al. 2021, linear beta(t) from ``beta_min``
+               to ``beta_max``), times ``time_scale`` (score_sde's DDPM ports use 999);
+  ``edm``      EDM's sigma (Karras et al. 2022): x' = x0 + sigma n, sigma = exp(-lambda);
+  ``flow``     rectified-flow t (x' = (1 - t) x0 + t n; t = 1 is noise), times ``time_scale``;
+  ``flow_rev`` SiT's t (x' = t x0 + (1 - t) n; t = 1 is data), times ``time_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
+
+PREDICTIONS = ("eps", "x0", "v", "flow")
+TIMES = ("ddpm", "vp", "edm", "flow", "flow_rev")
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """What an external denoiser predicts and how it is called: ``net(x', time, y)``.
+
+    ``null_index``: the label the network reads as "no class" (diffusers' DiT: its
+    ``num_embeds_ada_norm``); None when a separate unconditional network (called ``uncond(x', time)``)
+    serves as the null branch. ``learned_sigma``: the output has 2C channels, eps-like ones first
+    (Nichol & Dhariwal 2021); the adapter keeps the first C. ``schedule``: the model's own
+    ``NoiseSchedule`` keyword arguments (time ``ddpm``).
+    """
+
+    prediction: str = "eps"
+    time: str = "ddpm"
+    num_classes: int = 0
+    null_index: int | None = None
+    learned_sigma: bool = False
+    time_scale: float = 1.0
+    schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_steps": 1000})
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def check(self, has_uncond: bool) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise CfgxError(f"model prediction {self.prediction!r} is not one of {', '.join(PREDICTIONS)}")
+        if self.time not in TIMES:
+            raise CfgxError(f"model time {self.time!r} is not one of {', '.join(TIMES)}")
+        if self.num_classes < 1:
+            raise CfgxError("the model declares no classes (num_classes < 1); cfgx guides class-conditional models")
+        if self.null_index is None and not has_uncond:
+            raise CfgxError("the model says neither how it reads 'no class' (null_index) nor gives an unconditional "
+                            "network; declare one of them")
+
+    def describe(self) -> str:
+        return f"{self.prediction}-prediction, {self.time} time"
+
+
+def _sched_logsnr(schedule: NoiseSchedule) -> torch.Tensor:
+    abar = schedule.alpha_bars.double()
+    return 0.5 * torch.log(abar / (1 - abar))  # decreasing in t
+
+
+class ProcessMap:
+    """lambda -> (the model's time value, a', s', da'/dtau, ds'/dtau), all float64 [B]."""
+
+    def __init__(self, conv: Conventions) -> None:
+        self.conv = conv
+        self.lam_table = _sched_logsnr(NoiseSchedule(**conv.schedule)) if conv.time == "ddpm" else None
+
+    def __call__(self, lam: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c, one = self.conv, torch.ones_like(lam)
+        alpha, sigma = torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
+        zero = torch.zeros_like(lam)
+        if c.time == "ddpm":
+            return self._ddpm_time(lam) * c.time_scale, alpha, sigma, zero, zero
+        if c.time == "vp":
+            # log abar(t) = -(b0 t + (b1 - b0) t^2 / 2); abar = sigmoid(2 lambda); solve the quadratic.
+            b0, d = c.beta_min, c.beta_max - c.beta_min
+            log_abar = torch.nn.functional.logsigmoid(2 * lam)
+            t = (-b0 + torch.sqrt(b0 * b0 - 2 * d * log_abar)) / d
+            return t * c.time_scale, alpha, sigma, zero, zero
+        if c.time == "edm":
+            return torch.exp(-lam), one, torch.exp(-lam), zero, zero
+        t = sigma / (alpha + sigma)  # noise fraction: a'/s' = (1 - t)/t = alpha/sigma
+        if c.time == "flow":
+            return t * c.time_scale, 1 - t, t, -one, one  # velocity per unit t, whatever the time scale
+        return (1 - t) * c.time_scale, 1 - t, t, one, -one  # flow_rev: tau = 1 - t, a' = tau
+
+    def _ddpm_time(self, lam: torch.Tensor) -> torch.Tensor:
+        """Fractional model timestep with the model's log-SNR = lam (piecewise linear in lambda)."""
+        table = self.lam_table.to(lam.device)
+        neg = -table  # increasing
+        hi = torch.searchsorted(neg, -lam).clamp(1, len(table) - 1)
+        lo = hi - 1
+        frac = (lam - table[lo]) / (table[hi] - table[lo])
+        t = lo.double() + frac.clamp(0, 1)
+        # On the grid (cfgx and the model share a schedule) the time is the integer step, exactly.
+        near = torch.round(t)
+        return torch.where((t - near).abs() < 1e-6, near, t)
+
+
+def to_eps(pred: torch.Tensor, xp: torch.Tensor, a: torch.Tensor, s: torch.Tensor, da: torch.Tensor,
+           ds: torch.Tensor, prediction: str) -> torch.Tensor:
+    """eps from a prediction at x' = a x0 + s eps (float64 throughout)."""
+    if prediction == "eps":
+        return pred
+    if prediction == "x0":
+        return (xp - a * pred) / s
+    if prediction == "v":
+        r = torch.sqrt(a * a + s * s)  # v is defined on the variance-preserving normalisation
+        return (s / r) * (xp / r) + (a / r) * pred
+    # flow velocity u = da x0 + ds eps, solved with x' for eps
+    return (a * pred - da * xp) / (a * ds - da * s)
+
+
+class ExternalDenoiser(nn.Module):
+    """cfgx's ``model(x, t, y) -> eps`` for an external ``net(x', time, y)`` under ``conv``.
+
+    ``schedule`` is cfgx's (what the sampler walks); labels ``num_classes`` (cfgx's null) go to
+    ``conv.null_index`` or, without one, to ``uncond``.
+    """
+
+    def __init__(self, net: Any, conv: Conventions, schedule: NoiseSchedule, uncond: Any = None,
+                 name: str = "external", codec: LatentCodec | None = None,
+                 sample_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        conv.check(uncond is not None)
+        self.net, self.uncond, self.conv, self.schedule, self.name = net, uncond, conv, schedule, name
+        self.codec, self.sample_shape = codec, sample_shape
+        self.guide_channels: int | None = None  # set_guide_channels: DiT/SiT's published "guide 3 of 4" option
+        if codec is not None:  # a latent x0 is no image: clipping it to [-1, 1] would distort it (the sweep reads this)
+            self.clip_x0 = None
+        self.num_classes = int(conv.num_classes)
+        self.map = ProcessMap(conv)
+        self._lam = _sched_logsnr(schedule)
+
+    def row_fields(self) -> dict[str, Any]:
+        """Columns naming the model's conventions; rules not linear in the prediction (rescale, APG,
+        CFG-Zero*) act on cfgx's eps / x0 of the VP process, which ``guidance_space`` says."""
+        return {"model": self.name, "model_prediction": self.conv.prediction, "model_time": self.conv.time,
+                "guide_channels": self.guide_channels,
+                "guidance_space": f"cfgx VP eps/x0 (converted from the model's {self.conv.prediction})"}
+
+    def set_guide_channels(self, k: int | None) -> None:
+        """Guide only the first ``k`` channels (off: None). facebookresearch/DiT's and SiT's ``forward_with_cfg``
+        guide eps[:, :3] of the 4 latent channels and keep the conditional prediction in the rest, which is what
+        their published scales mean (DiT#12). Here the null branch's channels >= k are replaced by the
+        conditional branch's whenever a rule evaluates the pair as one batch (cond rows, then null rows, same
+        x): the guidance signal in those channels is zero, so rules linear in the prediction (cfg, interval,
+        weight schedules) leave them at the conditional prediction exactly as DiT does; the others (APG's
+        projection, rescale's norms) still act on all channels. Rows with only null labels (s = 0) are unchanged."""
+        if k is not None and (int(k) < 1 or (self.sample_shape and int(k) > self.sample_shape[0])):
+            raise CfgxError(f"guide_channels={k} must be between 1 and the model's channels")
+        self.guide_channels = None if k is None else int(k)
+
+    def _keep_tail_conditional(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, k = x.shape[0] // 2, self.guide_channels
+        null = y == self.num_classes
+        if k is None or x.shape[0] % 2 or not null[b:].all() or null[:b].any() or not torch.equal(x[:b], x[b:]):
+            return out
+        out = out.clone()
+        out[b:, k:] = out[:b, k:]
+        return out
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1]: decoded in batches for a latent model, unchanged otherwise."""
+        return x if self.codec is None else self.codec.decode(x.to(self.device_of())).float().cpu()
+
+    def device_of(self) -> torch.device:
+        p = next(iter(self.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _call(self, net: Any, xp: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        out = net(xp, time) if y is None else net(xp, time, y)
+        if self.conv.learned_sigma:
+            out = out[:, : xp.shape[1]]
+        return out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lam = self._lam.to(x.device)[t.long().reshape(-1)]
+        time, a, s, da, ds = self.map(lam)
+        sigma = torch.sigmoid(-2 * lam).sqrt()
+        view = (-1, *([1] * (x.dim() - 1)))
+        # VP time (ddpm, vp) is cfgx's own process: x' = x, and an eps prediction needs no conversion.
+        same = self.conv.time in ("ddpm", "vp")
+        c = (s / sigma).view(view)  # x' = c x: the model's process at cfgx's log-SNR
+        xp = x if same else (x.double() * c).to(x.dtype)  # the network sees its usual dtype ...
+        if self.conv.time == "ddpm" and self.conv.time_scale == 1 and bool((time == time.round()).all()):
+            time = time.long()  # on the model's own grid: the integer step it was trained on
+        null = y == self.num_classes
+        if self.conv.null_index is not None or not null.any():
+            yy = torch.where(null, torch.full_like(y, int(self.conv.null_index or 0)), y)
+            out = self._call(self.net, xp, time, yy)
+        else:
+            out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+            cond = ~null
+            if cond.any():
+                out[cond] = self._call(self.net, xp[cond], time[cond], y[cond]).double()
+            out[null] = self._call(self.uncond, xp[null], time[null], None).double()
+        if same and self.conv.prediction == "eps":
+            return self._keep_tail_conditional(out.float(), x, y)
+        # ... and the conversion uses exactly what it saw, in float64
+        eps = to_eps(out, xp.double(), a.view(view), s.view(view), da.view(view), ds.view(view), self.conv.prediction)
+        return self._keep_tail_conditional(eps.float(), x, y)
+
+
+class LatentCodec(nn.Module):
+    """Latent -> image: ``decoder(z / scale + shift)`` in batches (diffusers' AutoencoderKL convention).
+
+    A module, so that moving the denoiser to a device moves its decoder with it.
+    """
+
+    def __init__(self, decoder: nn.Module, scale: float = 1.0, shift: float = 0.0, batch_size: int = 16) -> None:
+        super().__init__()
+        self.decoder, self.scale, self.shift, self.batch_size = decoder, float(scale), float(shift), int(batch_size)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.decoder(zb / self.scale + self.shift) for zb in z.split(self.batch_size)])
+
+
+def log_snr(abar: float) -> float:
+    return 0.5 * math.log(abar / (1 - abar))

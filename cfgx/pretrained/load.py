@@ -1,0 +1,83 @@
+"""An imported run's model: ``backbone: {name: pretrained, source: ..., loader: dit|py}`` -> cfgx denoiser.
+
+``cfgx import`` writes that block into the run's config.yaml; ``build_backbone`` calls ``load_pretrained``
+whenever the run is swept, so sweeps, reports and torchrun shards see an ordinary cfgx model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfgx.data.base import DatasetBundle
+from cfgx.diffusion.schedule import NoiseSchedule
+from cfgx.errors import CfgxError
+from cfgx.pretrained.adapter import ExternalDenoiser
+from cfgx.pretrained.entry import PREFIX, Pretrained, load_entry
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
+
+
+def open_source(source: str, device: torch.device | str = "cpu", vae: str | None = None,
+                family: str = "dit") -> tuple[Pretrained, str]:
+    """The model a source names (``py:pkg.mod:factory``, a diffusers DiT folder, or an official DiT checkpoint
+    file with ``vae`` its decoder's folder), and its loader name."""
+    if source.startswith(PREFIX):
+        return load_entry(source), "py"
+    path = Path(source).expanduser()
+    if not path.is_dir() and not (path.is_file() and path.suffix in WEIGHT_SUFFIXES):
+        raise CfgxError(f"model={source} is neither a folder, a {'/'.join(WEIGHT_SUFFIXES)} checkpoint, nor "
+                        "py:package.module:factory; give a diffusers DiT folder (DiTPipeline.save_pretrained), "
+                        "a DiT checkpoint, or a Python entry point")
+    if path.is_dir() and _is_unet2d(path):
+        # why: unet2d.py needs the [pretrained] extra; this module must import without it
+        from cfgx.pretrained.unet2d import load_unet2d
+
+        return load_unet2d(path, device), "unet2d"
+    # why: dit.py needs the [pretrained] extra; this module must import without it
+    from cfgx.pretrained.dit import load_dit
+
+    return load_dit(path, device, vae=vae, family=family), "dit"
+
+
+def _is_unet2d(folder: Path) -> bool:
+    cfg = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel"
+    except (OSError, ValueError):
+        return False
+
+
+def weights_sha256(source: str) -> dict[str, str]:
+    """sha256 of every weights file of a model folder or file (relative path -> hex); {} for py: sources."""
+    if source.startswith(PREFIX):
+        return {}
+    root = Path(source).expanduser()
+    files = ([root] if root.is_file()
+             else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES))
+    root = root.parent if root.is_file() else root
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(f.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def load_pretrained(bcfg: Any, data: DatasetBundle, schedule: NoiseSchedule,
+                    device: torch.device | str = "cpu") -> ExternalDenoiser:
+    """The imported model on cfgx's ``schedule``, checked against the reference set's classes."""
+    pre, _ = open_source(str(bcfg.source), device, vae=bcfg.get("vae"), family=str(bcfg.get("family") or "dit"))
+    nc = pre.conventions.num_classes
+    if data.num_classes != nc:
+        raise CfgxError(f"the model has {nc} classes but the reference set {data.name} has {data.num_classes}; "
+                        "give a reference folder with one sub-folder per model class, in class-index order")
+    den = pre.denoiser(schedule, name=str(bcfg.source))
+    den.set_guide_channels(bcfg.get("guide_channels"))
+    return den
