@@ -89,6 +89,8 @@ ALSO: dict[str, tuple[str, ...]] = {
     "guidance.autoguidance.guide": ("str",), "eval.inception_weights": ("str",),
     "dataset.root": ("str",), "dataset.test_root": ("str",), "dataset.inner_radius": ("int", "float"),
     "run": ("str",),
+    "eval.reference": ("str",), "eval.dinov2_weights": ("str",), "eval.real_samples": ("str",),
+    "cpu_threads": ("int",),
 }
 
 _pos = (lambda v: v > 0, "must be > 0")
@@ -100,7 +102,7 @@ _unit = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: _pos for k in (
         "train.steps", "train.batch_size", "train.lr", "train.log_every", "train.ckpt_every", "train.grad_clip",
-        "train.snapshot_every", "eval.num_samples", "eval.batch_size", "eval.grid_per_class", "eval.real_samples",
+        "train.snapshot_every", "eval.num_samples", "eval.batch_size", "eval.grid_per_class",
         "eval.seed_blocks", "eval.pr_k", "eval.dc_k", "eval.kid_subsets", "eval.kid_subset_size",
         "eval.boundary_delta", "eval.classifier.steps", "eval.classifier.batch_size", "eval.classifier.lr",
         "eval.classifier.width", "sampler.steps", "diffusion.num_steps", "diffusion.beta_start",
@@ -120,6 +122,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_clip": (lambda v: v > 0, "must be > 0 or null (no clipping): a negative max norm flips the "
                                          "gradient"),
     "sampler.eta": _unit, "guidance.rescale.phi": _unit,
+    "cpu_threads": (lambda v: v == "auto" or (not isinstance(v, str) and v >= 1), "must be auto or an integer >= 1"),
+    "eval.real_samples": (lambda v: v == "all" or (not isinstance(v, str) and v > 0),
+                          "must be a positive integer or all"),
+    "guidance.auto_tol": _pos,
     "seed": (lambda v: 0 <= v <= SEED_MAX, f"must be in [0, {SEED_MAX}] (numpy's seed range)"),
     "eval.seed": (lambda v: 0 <= v <= 2**31 - 1, f"must be in [0, {2**31 - 1}] (sample i draws seed eval.seed+i)"),
 }
@@ -127,6 +133,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "postprocess.apply_method": ("euler", "heun"), "postprocess.init": ("run", "scratch"),
     "guidance.rescale.space": ("x0", "eps"), "guidance.schedule": ("constant", "linear", "cosine"),
 }
+# Keys that take a number or one word (their range check reads both).
+WORD_OR_NUMBER = ("cpu_threads", "eval.real_samples")
 RANGES.update({k: (lambda v, c=c: v in c, "valid: " + ", ".join(c)) for k, c in CHOICES.items()})
 
 
@@ -179,7 +187,7 @@ def check_ranges(cfg: DictConfig) -> None:
         present, v = _read(cfg, key)
         if not present or v is None or isinstance(v, (bool, list, dict)):
             continue
-        if isinstance(v, str) != (key in CHOICES):  # a type error is check_types' to report
+        if isinstance(v, str) != (key in CHOICES) and key not in WORD_OR_NUMBER:  # type errors: check_types'
             continue
         if isinstance(v, float) and not math.isfinite(v):
             raise CfgxError(f"{key}={v!r} is not finite; give a finite number")

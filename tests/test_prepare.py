@@ -65,3 +65,15 @@ def test_cli_unknown_name_and_offline(tmp_path, monkeypatch, capsys):
     assert main(["prepare", "dinov2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "could not download dinov2" in err and str(tmp_path) in err
+
+
+def test_cli_hub_model_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    """``cfgx prepare OWNER/MODEL`` goes to the hub fetch (configs + safetensors); offline it is one line."""
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # never touches the network
+    assert main(["prepare", "facebook/DiT-XL-2-256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot fetch facebook/DiT-XL-2-256" in err and str(tmp_path) in err

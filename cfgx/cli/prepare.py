@@ -24,6 +24,7 @@ from cfgx.data import build_dataset
 from cfgx.errors import CfgxError
 from cfgx.metrics.dinov2 import DINOV2_FILENAME, DINOV2_URL
 from cfgx.metrics.inception import INCEPTION_WEIGHTS_FILENAME, INCEPTION_WEIGHTS_URL
+from cfgx.pretrained.hub import fetch_pretrained
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def fetch(name: str, dest: Path | None = None, download: Downloader | None = Non
 
 
 def cmd_prepare(args: list[str]) -> int:
-    """``cfgx prepare [NAME ...] [dataset=X]``: named artifacts; with a dataset, it and the Inception weights."""
+    """``cfgx prepare [NAME|OWNER/MODEL ...] [dataset=X]``: named artifacts, hub models (configs + safetensors);
+    with a dataset, it and the Inception weights."""
     names = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
     console = make_console()
@@ -101,6 +103,10 @@ def cmd_prepare(args: list[str]) -> int:
         dests = {"inception": cfg.eval.get("inception_weights"), "dinov2": cfg.eval.get("dinov2_weights")}
     else:
         dests = {}
+    for name in [n for n in names if "/" in n]:  # a hub id (facebook/DiT-XL-2-256): a pretrained model's folder
+        names.remove(name)
+        folder = fetch_pretrained(name, Path("~/.cache/cfgx/pretrained").expanduser() / name.replace("/", "--"))
+        console.print(f"{name}: saved to {folder}; next: cfgx import model={folder} dataset.root=<reference images>")
     for name in names:
         path, fetched = fetch(name, Path(str(dests[name])) if dests.get(name) else None)
         art = ARTIFACTS[name]

@@ -18,6 +18,7 @@ after the final norm (what the hub model returns with its identity head).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -47,6 +48,9 @@ def default_dinov2_path() -> Path:
 
 
 def resolve_dinov2_path(path: str | os.PathLike[str] | None) -> Path:
+    if importlib.util.find_spec("timm") is None:  # checked with the weights: before any sampling
+        raise CfgxError('eval.features=dinov2 needs the timm package, which is not installed; '
+                        'pip install "cfgx[dinov2]"')
     """The weights file; missing: one line naming it and how to get it (never downloads)."""
     p = Path(path).expanduser() if path is not None else default_dinov2_path()
     if not p.is_file():
