@@ -76,3 +76,23 @@ def private_copy(run: Path, tmp_path_factory, tag: str) -> Path:
 
 def table_rows(run: Path) -> list[dict]:
     return json.loads((run / "metrics.json").read_text())
+
+
+def random_fidelity_inception():
+    """torch-fidelity's FID Inception as it ships (BN unfolded) with seeded random weights: no weights file needed."""
+    import io
+
+    # why: torch_fidelity's import is slow and only the Inception tests need it
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from cfgx.metrics.inception import INCEPTION_NAME
+
+    class RandomInit(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    torch.manual_seed(0)
+    return RandomInit(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=empty)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import resource
 import time
@@ -11,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_fidelity_inception
 
 import cfgx.metrics.inception as inception
 from cfgx.errors import CfgxError
-from cfgx.metrics.inception import INCEPTION_NAME, FeatureExtractor, weights_sha256
+from cfgx.metrics.inception import FeatureExtractor, weights_sha256
 from cfgx.store.safeload import UnreadableFileError, UnsafeFileError, safe_load
 
 
@@ -33,17 +33,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def _random_inception_state() -> dict[str, torch.Tensor]:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class RandomInit(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    torch.manual_seed(0)
-    net = RandomInit(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=empty)
+    net = random_fidelity_inception()
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 

@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import numpy as np
 import scipy.linalg
 import torch
+from conftest import random_fidelity_inception
 from torch import nn
 
 from cfgx.metrics import inception
-from cfgx.metrics.inception import INCEPTION_NAME, FeatureExtractor
+from cfgx.metrics.inception import FeatureExtractor
 from cfgx.metrics.sfid import SPATIAL_DIM, SPATIAL_MODULE, SpatialTap, sfid_from_features, spatial_vectors
 
 
 def _random_inception() -> nn.Module:
     """torch-fidelity's FID Inception as it ships (BN unfolded), random weights, BN stats far from (0, 1)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class RandomInit(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    torch.manual_seed(0)
-    net = RandomInit(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=empty)
+    net = random_fidelity_inception()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in net.modules():

@@ -11,7 +11,6 @@ To add an artifact (a pretrained diffusion model, another feature network), add 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from cfgx.errors import CfgxError
 from cfgx.metrics.dinov2 import DINOV2_FILENAME, DINOV2_URL
 from cfgx.metrics.inception import INCEPTION_WEIGHTS_FILENAME, INCEPTION_WEIGHTS_URL
 from cfgx.pretrained.hub import fetch_pretrained
+from cfgx.store.export import sha256_of
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,6 @@ def _download(url: str, dst: str) -> None:
     torch.hub.download_url_to_file(url, dst, progress=True)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(name: str, dest: Path | None = None, download: Downloader | None = None) -> tuple[Path, bool]:
     """Artifact ``name`` at ``dest`` (default: the torch hub cache), downloaded if absent; (path, fetched now)."""
     if name not in ARTIFACTS:
@@ -80,7 +72,7 @@ def fetch(name: str, dest: Path | None = None, download: Downloader | None = Non
         tmp.unlink(missing_ok=True)
         raise CfgxError(f"could not download {name} ({type(e).__name__}: {str(e)[:80]}); on a machine with "
                         f"internet fetch {art.url} and put it at {path} (or set {art.config_key}=PATH)") from None
-    digest = file_sha256(tmp)
+    digest = sha256_of(tmp)
     if art.sha256 is not None and not digest.startswith(art.sha256):
         tmp.unlink(missing_ok=True)
         raise CfgxError(f"{name} from {art.url} has sha256 {digest[:16]}..., expected {art.sha256}...: "
