@@ -78,8 +78,11 @@ def table_rows(run: Path) -> list[dict]:
     return json.loads((run / "metrics.json").read_text())
 
 
-def random_fidelity_inception():
-    """torch-fidelity's FID Inception as it ships (BN unfolded) with seeded random weights: no weights file needed."""
+def random_fidelity_inception(features: tuple[str, ...] = ("2048", "logits_unbiased"), far_bn: bool = False):
+    """torch-fidelity's FID Inception as it ships (BN unfolded) with seeded random weights: no weights file needed.
+
+    ``far_bn``: BatchNorm statistics far from (0, 1), so that folding them into the convs is not a no-op.
+    """
     import io
 
     # why: torch_fidelity's import is slow and only the Inception tests need it
@@ -95,4 +98,13 @@ def random_fidelity_inception():
     torch.save({}, empty)
     empty.seek(0)
     torch.manual_seed(0)
-    return RandomInit(INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=empty)
+    net = RandomInit(INCEPTION_NAME, list(features), feature_extractor_weights_path=empty)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if far_bn and isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return net.eval()

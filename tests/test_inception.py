@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_fidelity_inception
 from PIL import Image
 from torch import nn
 
@@ -262,27 +263,9 @@ def _tf_inception(weights: Path | None):
     """torch-fidelity's FID Inception as it ships (BN unfolded, NCHW); random init without weights."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    class RandomInit(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
-
     if weights is not None:
         return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
-    empty = Path(os.environ.get("TMPDIR", "/tmp")) / f"cfgx-empty-{os.getpid()}.pth"
-    torch.save({}, empty)
-    try:
-        net = RandomInit("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    finally:
-        empty.unlink()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # BN statistics far from (0, 1), so folding them is not a no-op
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return net.eval()
+    return random_fidelity_inception(("2048",), far_bn=True)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

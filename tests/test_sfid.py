@@ -17,16 +17,7 @@ from cfgx.metrics.sfid import SPATIAL_DIM, SPATIAL_MODULE, SpatialTap, sfid_from
 
 def _random_inception() -> nn.Module:
     """torch-fidelity's FID Inception as it ships (BN unfolded), random weights, BN stats far from (0, 1)."""
-    net = random_fidelity_inception()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return net.eval()
+    return random_fidelity_inception(far_bn=True)
 
 
 def _images(n: int) -> torch.Tensor:
