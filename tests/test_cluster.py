@@ -32,6 +32,9 @@ def test_submitit_local_multirun_makes_the_same_runs_and_rows_as_the_basic_launc
                                                                                       cache_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the job subprocesses import this checkout's cfgx
+    # One thread everywhere: submitit's jobs run side by side, so the automatic budget would give them fewer
+    # threads than the basic launcher's one-at-a-time jobs, and CPU kernels round differently by pool size.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["train", "-m", "cond_drop=0.1,0.2", *JOBS]
     assert main([*args, f"paths.runs={tmp_path / 'basic'}"]) == 0
     assert main([*args, f"paths.runs={tmp_path / 'local'}", "hydra/launcher=submitit_local",

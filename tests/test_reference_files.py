@@ -114,10 +114,12 @@ def test_sweep_exports_its_samples_as_an_adm_npz(tiny_run, tmp_path_factory, wor
     from cfgx.data import to_uint8
 
     run = private_copy(tiny_run, tmp_path_factory, "save_npz")
-    assert main(["sweep", "guidance=2", f"run={run}", "eval.num_samples=20", "eval.save_npz=true"]) == 0, \
-        capsys.readouterr().err
+    # overwrite: the shared tiny run may hold this row already (another test's sweep), and a kept row writes no npz
+    argv = ["sweep", "guidance=2", f"run={run}", "eval.num_samples=20", "eval.save_npz=true", "eval.overwrite=true"]
+    assert main(argv) == 0, capsys.readouterr().err
     (npz,) = (run / "sweep" / "samples").glob("*.npz")
-    row = next(r for r in json.loads((run / "metrics.json").read_text()) if r["num_samples"] == 20)
+    row = next(r for r in json.loads((run / "metrics.json").read_text())
+               if r["num_samples"] == 20 and r["s"] == 2 and r["method"] == "cfg")
     with np.load(npz, allow_pickle=False) as z:
         arr0, arr1 = z["arr_0"], z["arr_1"]
     assert arr0.dtype == np.uint8 and arr0.shape == (20, 8, 8, 3) and arr1.shape == (20,)

@@ -103,10 +103,18 @@ def test_row_lock_symlink(copy, outside, capsys):
 def test_cache_lock_symlink(copy, outside, cache_dir, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     shutil.copytree(cache_dir, cache)
-    for entry in [p for p in cache.rglob("*.pt")]:
+    entries = list(cache.rglob("*.pt"))
+    for entry in entries:
         plant(entry.parent / f".{entry.stem}.lock", outside)
     monkeypatch.setenv("CFGX_CACHE", str(cache))
-    refused_in_one_line(["sweep", f"run={copy}", "guidance=2", "eval.num_samples=20"], capsys, ".lock is a symlink")
+    # Entries that exist are read without their lock (they are only ever replaced by renames): the links stay untouched.
+    assert main(["sweep", f"run={copy}", "guidance=2", "eval.num_samples=20"]) == 0, capsys.readouterr().err
+    assert outside.read_bytes() == SECRET
+    # An entry that must be built takes its lock: a planted link there is refused.
+    for entry in entries:
+        entry.unlink()
+    refused_in_one_line(["sweep", f"run={copy}", "guidance=2", "eval.num_samples=20", "eval.overwrite=true"], capsys,
+                        ".lock is a symlink")
     assert outside.read_bytes() == SECRET
 
 
