@@ -27,7 +27,8 @@ SUBCOMMANDS = {
              "[guidance.method=[cfg,apg]] [checkpoint=all|last|STEP,...]",
     "report": "merge runs' tables, plots and frontier.md: cfgx report RUN [RUN ...] [out=DIR] "
               "[report.match_accuracy=0.99]",
-    "prepare": "fetch weights/datasets ahead of time: cfgx prepare [inception] [dinov2] [dataset=X]",
+    "prepare": "fetch weights/datasets/models ahead of time: cfgx prepare [inception] [dinov2] [OWNER/MODEL] "
+               "[dataset=X]",
     "toy": "exact-score toys: trajectories and boundaries under CG/CFG: cfgx toy [dataset=gmm1d|gmm2d]",
     "train-classifier": "train the noise-conditional guidance classifier of a run: [run=PATH]",
     "postprocess": "train the flow-matching postprocessor of a run: cfgx postprocess [run=PATH]",
@@ -57,6 +58,7 @@ def usage() -> str:
     lines += ["", "shorthand: guidance=0,1,3,7 sets guidance.scales; cond_drop=0.2 sets cond_drop.p;",
               "           cfgx train -m cond_drop=0,0.1,0.2 trains one run per rate (Hydra multirun)",
               "           logger=[tensorboard,mlflow] logs to both (see README, Logging)",
+              "           guidance=auto:0:8 searches each rule's best s instead of a grid (README)",
               f"configs: {config_dir()}"]
     return "\n".join(lines)
 
