@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from cfgx.errors import CfgxError
-from cfgx.store.owned import NOFOLLOW, NONBLOCK, open_owned
+from cfgx.store.owned import open_owned, probe_lock
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 AUTO_MARK = "CFGX_OMP_AUTO"  # set beside OMP_NUM_THREADS when cfgx itself chose it (torchrun ranks)
@@ -185,24 +185,16 @@ class Slot:
         return n
 
     def _live_overlap(self, path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY | NOFOLLOW | NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+        probe = probe_lock(path, 65536)
+        if probe is None:
             return False
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:  # held: a live process
-                text = os.read(fd, 65536).decode(errors="replace")
-                theirs = {int(c) for c in text.split(",") if c.strip().isdigit()}
-                return not theirs or bool(theirs & self.cpus)
-            with contextlib.suppress(OSError):  # free: its holder died
-                os.unlink(path)
-            return False
-        finally:
-            os.close(fd)
+        held, text = probe
+        if held:  # a live process: does it share our CPUs?
+            theirs = {int(c) for c in text.split(",") if c.strip().isdigit()}
+            return not theirs or bool(theirs & self.cpus)
+        with contextlib.suppress(OSError):  # free: its holder died
+            os.unlink(path)
+        return False
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -22,7 +22,6 @@ import errno
 import fcntl
 import os
 import socket
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from cfgx.console import say
 from cfgx.errors import CfgxError, disk_error
-from cfgx.store.owned import NOFOLLOW, NONBLOCK, open_owned
+from cfgx.store.owned import open_owned, probe_lock
 
 _HELD: dict[str, FileLock] = {}
 
@@ -89,21 +88,10 @@ class FileLock:
 
 def holder(path: Path) -> str | None:
     """Who holds the lock at ``path`` ("pid N on HOST since T"), or None when nobody does (or it is stale)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | NOFOLLOW | NONBLOCK | os.O_CLOEXEC)  # never through a link or FIFO
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None  # a stale file left by a killed holder
-    finally:
-        os.close(fd)
+    probe = probe_lock(path, 200)
+    if probe is None or not probe[0]:
+        return None  # no lock file, or a stale one left by a killed holder
+    return probe[1].strip() or "another process"
 
 
 def acquire(path: Path, wait: bool = True, what: str = "", console=None) -> FileLock | None:

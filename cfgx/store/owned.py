@@ -10,6 +10,7 @@ lock module (and so ``cfgx --help``-time code) uses it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -66,3 +67,25 @@ def _checked(path: Path, fd: int) -> int:
         os.close(fd)
         raise unsafe_path_error(path, why)
     return fd
+
+
+def probe_lock(path: Path, nbytes: int) -> tuple[bool, str] | None:
+    """Whether another process holds the flock at ``path``, and (if so) the first ``nbytes`` of its stamp.
+
+    None when there is no regular file to probe (missing, a link, a FIFO): never opened through a link,
+    never blocking. A free lock's file is a leftover of a holder that died (the kernel dropped its lock).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, os.read(fd, nbytes).decode(errors="replace")
+        return False, ""
+    finally:
+        os.close(fd)
