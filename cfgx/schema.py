@@ -90,7 +90,7 @@ ALSO: dict[str, tuple[str, ...]] = {
     "dataset.root": ("str",), "dataset.test_root": ("str",), "dataset.inner_radius": ("int", "float"),
     "run": ("str",),
     "eval.reference": ("str",), "eval.dinov2_weights": ("str",), "eval.real_samples": ("str",),
-    "cpu_threads": ("int",),
+    "cpu_threads": ("int",), "postprocess.unet": ("str",),
 }
 
 _pos = (lambda v: v > 0, "must be > 0")

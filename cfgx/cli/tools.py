@@ -77,8 +77,10 @@ def cmd_postprocess(args: list[str]) -> int:
         raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")
     console = make_console()
     model, step = load_ema_model(run_dir, cfg, data, schedule, device)
+    # The sweep's sampler: an imported latent model turns x0 clipping off and may space its steps its own way.
     sampler = build_sampler(cfg.sampler.name, schedule, int(cfg.sampler.steps), float(cfg.sampler.eta),
-                            clip_x0=data.clip)
+                            clip_x0=getattr(model, "clip_x0", data.clip),
+                            spacing=str(cfg.sampler.get("spacing", "linspace")))
     post = OmegaConf.to_container(cfg.postprocess, resolve=True)
     feature_fn = None
     if post.get("nn_space") in ("classifier", "inception"):

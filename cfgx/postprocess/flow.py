@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from cfgx.console import progress_bar, say
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.errors import CfgxError
-from cfgx.postprocess.nets import build_velocity_net
+from cfgx.postprocess.nets import build_velocity_net, velocity_unet_config
 from cfgx.postprocess.pairs import FeatureFn, dequantize, load_or_make_pairs
 from cfgx.postprocess.settings import (
     APPLY_KEYS,
@@ -326,6 +326,11 @@ def _train_postprocessor(cfg_post: FlowSettings | Mapping[str, Any], run_dir: Pa
                         "must pass feature_fn (or use nn_space=pixels)")
     if st.nn_space == "pixels":
         feature_fn = None
+    backbone_cfg = None
+    if data.is_image:
+        cfg_path = Path(run_dir) / "config.yaml"
+        backbone_cfg = load_run_config(Path(run_dir))["backbone"] if cfg_path.is_file() else None
+        backbone_cfg = velocity_unet_config(backbone_cfg, st.unet, st.init)
     pdir = Path(run_dir) / "postprocess"
     pdir.mkdir(parents=True, exist_ok=True)
     scales = st.train_scales
@@ -340,11 +345,6 @@ def _train_postprocessor(cfg_post: FlowSettings | Mapping[str, Any], run_dir: Pa
                             or old.get("pair_settings") != jsonable(pair_settings)):
         raise CfgxError(f"{pdir} holds a postprocessor trained with other settings; delete that folder to "
                         "retrain, or repeat its settings (see its info.json)")
-
-    backbone_cfg = None
-    if data.is_image:
-        cfg_path = Path(run_dir) / "config.yaml"
-        backbone_cfg = load_run_config(Path(run_dir))["backbone"] if cfg_path.is_file() else None
 
     # Written before anything else so a crash leaves settings that the next call can check against.
     info: dict[str, Any] = {"method": "flow", "paper": PAPER, "settings": st.record(),
@@ -371,7 +371,7 @@ def _train_postprocessor(cfg_post: FlowSettings | Mapping[str, Any], run_dir: Pa
         fname = "flow.pt" if key == "all" else f"flow_s{key}.pt"
         torch.manual_seed(st.seed)  # a from-scratch network is the same on every re-run
         net = build_velocity_net(data, st, model if st.init == "run" else None, backbone_cfg)
-        say(console, f"training flow postprocessor [{key}] on {int(mask.sum())} pairs: "
+        say(console, f"training flow postprocessor \\[{key}] on {int(mask.sum())} pairs: "
                       f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {st.given['steps']} steps")
         res = train_flow(net, x_hat[mask], targets[mask], y_all[mask], st.steps, st.batch_size, st.lr, device,
                          st.seed, pdir / fname, st.ckpt_every, console, st.ema_decay, st.warmup_steps, st.grad_clip)

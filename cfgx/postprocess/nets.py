@@ -12,6 +12,7 @@ from torch import nn
 
 from cfgx.backbones import build_backbone
 from cfgx.backbones.unet import UNet, timestep_embedding
+from cfgx.config import config_dir
 from cfgx.data.base import DatasetBundle
 from cfgx.errors import CfgxError
 from cfgx.postprocess.settings import FlowSettings
@@ -62,6 +63,26 @@ def _reinitialise(unet: UNet) -> None:
         if name.endswith("conv2") or name.endswith("proj") or name == "out":
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def velocity_unet_config(run_backbone: Mapping[str, Any] | None, preset: str | None,
+                         init: str) -> Mapping[str, Any] | None:
+    """The velocity U-Net's config: the run's own backbone, or for an imported model a ``configs/backbone``
+    preset (``postprocess.unet``). An imported network (a DiT, a py: factory) is not a U-Net the flow
+    can copy, and sizing one for the user would hide a choice that decides what the flow can learn."""
+    if run_backbone is None or run_backbone.get("name") != "pretrained":
+        if preset:
+            raise CfgxError(f"postprocess.unet={preset} applies to imported models only; this run's flow uses its "
+                            "own U-Net: drop postprocess.unet")
+        return run_backbone
+    presets = sorted(p.stem for p in (config_dir() / "backbone").glob("*.yaml")
+                     if OmegaConf.load(p).get("name") == "unet")
+    if not preset or init != "scratch":
+        raise CfgxError("an imported model is not a U-Net the flow postprocessor can copy; give the flow its own: "
+                        f"postprocess.init=scratch postprocess.unet=<{'|'.join(presets)}> (a configs/backbone preset)")
+    if preset not in presets:
+        raise CfgxError(f"postprocess.unet={preset} is not a U-Net preset; valid: {', '.join(presets)}")
+    return OmegaConf.to_container(OmegaConf.load(config_dir() / "backbone" / f"{preset}.yaml"))
 
 
 def build_velocity_net(data: DatasetBundle, cfg: FlowSettings | Mapping[str, Any] | None,

@@ -133,10 +133,13 @@ def load_or_make_pairs(pdir: Path, st: FlowSettings, data: DatasetBundle, model:
         for i, s in enumerate(st.train_scales):
             # A seed per scale so the mixed set is not the same noise guided differently; and not the
             # sweep's eval.seed, so the postprocessor is never scored on its own training inputs.
-            batch = generate(model, sampler, data.shape, labels, s, st.pair_seed + 7919 * i, st.pair_batch_size,
-                             device)
-            gen_seconds += batch.seconds
-            xs.append(quantize(batch.x, data))
+            # An imported latent model samples its own shape and is decoded, as in the sweep.
+            shape = getattr(model, "sample_shape", None) or data.shape
+            batch = generate(model, sampler, shape, labels, s, st.pair_seed + 7919 * i, st.pair_batch_size, device)
+            t_dec = time.perf_counter()
+            x = model.decode(batch.x) if hasattr(model, "decode") else batch.x
+            gen_seconds += batch.seconds + time.perf_counter() - t_dec
+            xs.append(quantize(x, data))
             ys.append(batch.y)
             ss.append(torch.full((len(batch.y),), s))
             say(console, f"generated {len(batch.y)} samples at s={s:g} ({batch.seconds:.1f}s)")

@@ -24,7 +24,7 @@ APPLY_KEYS = ("apply_steps", "apply_method", "apply_batch_size")
 # Settings that define the training pairs, and the flow trained on them.
 PAIR_KEYS = ("k", "nn_space", "train_scales", "samples_per_scale", "pair_seed", "pair_batch_size")
 TRAIN_KEYS = ("per_scale", "steps", "batch_size", "lr", "warmup_steps", "ema_decay", "grad_clip", "seed",
-              "init", "t_scale", "mlp_hidden", "mlp_depth")
+              "init", "unet", "t_scale", "mlp_hidden", "mlp_depth")
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,6 +65,7 @@ class FlowSettings:
     seed: int
     ckpt_every: int
     init: str
+    unet: str | None
     t_scale: float
     mlp_hidden: int
     mlp_depth: int
@@ -90,7 +91,8 @@ class FlowSettings:
             pair_batch_size=int(v["pair_batch_size"]), steps=int(v["steps"]), batch_size=int(v["batch_size"]),
             lr=float(v["lr"]), warmup_steps=int(v["warmup_steps"]), ema_decay=float(v["ema_decay"]),
             grad_clip=None if v["grad_clip"] is None else float(v["grad_clip"]), seed=int(v["seed"]),
-            ckpt_every=int(v["ckpt_every"]), init=str(v["init"]), t_scale=float(v["t_scale"]),
+            ckpt_every=int(v["ckpt_every"]), init=str(v["init"]),
+            unet=None if v["unet"] is None else str(v["unet"]), t_scale=float(v["t_scale"]),
             mlp_hidden=int(v["mlp_hidden"]), mlp_depth=int(v["mlp_depth"]), apply_steps=int(v["apply_steps"]),
             apply_method=str(v["apply_method"]), apply_batch_size=int(v["apply_batch_size"]), given=v)
 

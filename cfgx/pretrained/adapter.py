@@ -151,6 +151,7 @@ class ExternalDenoiser(nn.Module):
         conv.check(uncond is not None)
         self.net, self.uncond, self.conv, self.schedule, self.name = net, uncond, conv, schedule, name
         self.codec, self.sample_shape = codec, sample_shape
+        self.weights_sha256: str | None = None  # set by the run's loader once the files are re-hashed
         self.guide_channels: int | None = None  # set_guide_channels: DiT/SiT's published "guide 3 of 4" option
         if codec is not None:  # a latent x0 is no image: clipping it to [-1, 1] would distort it (the sweep reads this)
             self.clip_x0 = None
@@ -161,7 +162,8 @@ class ExternalDenoiser(nn.Module):
     def row_fields(self) -> dict[str, Any]:
         """Columns naming the model's conventions; rules not linear in the prediction (rescale, APG,
         CFG-Zero*) act on cfgx's eps / x0 of the VP process, which ``guidance_space`` says."""
-        return {"model": self.name, "model_prediction": self.conv.prediction, "model_time": self.conv.time,
+        return {"model": self.name, "model_sha256": self.weights_sha256, "model_prediction": self.conv.prediction,
+                "model_time": self.conv.time,
                 "guide_channels": self.guide_channels,
                 "guidance_space": f"cfgx VP eps/x0 (converted from the model's {self.conv.prediction})"}
 

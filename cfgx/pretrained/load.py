@@ -18,6 +18,7 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.pretrained.adapter import ExternalDenoiser
 from cfgx.pretrained.entry import PREFIX, Pretrained, load_entry
+from cfgx.store.reader import read_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
 
@@ -68,6 +69,36 @@ def weights_sha256(source: str) -> dict[str, str]:
                 h.update(chunk)
         out[str(f.relative_to(root))] = h.hexdigest()
     return out
+
+
+def verify_weights(run_dir: Path, bcfg: Any) -> str | None:
+    """The imported weights, re-hashed and checked against what ``cfgx import`` recorded in meta.json.
+
+    A row names its model by the import; if the files were replaced since (a re-download, another
+    checkpoint copied over), the rows would describe a model that was not the one sampled. Returns a
+    12-hex digest of all the weights files (the rows' ``model_sha256``); None for ``py:`` sources,
+    whose weights are the factory's business.
+    """
+    meta_path = Path(run_dir) / "meta.json"
+    meta = read_json(meta_path, "re-import the model with cfgx import (a new run dir)")
+    recorded = (meta.get("imported") or {}).get("weights_sha256")
+    if not isinstance(recorded, dict):
+        raise CfgxError(f"{meta_path} has no imported.weights_sha256; it was not written by cfgx import: "
+                        "re-import the model with cfgx import (a new run dir)")
+    source, vae = str(bcfg.source), bcfg.get("vae")
+    try:
+        now = {**weights_sha256(source), **(weights_sha256(str(vae)) if vae else {})}
+    except OSError as e:
+        raise CfgxError(f"cannot read the imported weights ({e.strerror}: {e.filename}); restore them or "
+                        "re-import the model with cfgx import") from None
+    for name in sorted(set(recorded) | set(now)):
+        if recorded.get(name) != now.get(name):
+            was, got = (recorded.get(name) or "absent")[:12], (now.get(name) or "absent")[:12]
+            raise CfgxError(f"the imported weights changed since cfgx import: {name} sha256 {was} then, {got} "
+                            f"now (model={source}); restore the file or import it again as a new run dir")
+    if not now:
+        return None
+    return hashlib.sha256(json.dumps(now, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_pretrained(bcfg: Any, data: DatasetBundle, schedule: NoiseSchedule,

@@ -29,6 +29,7 @@ from cfgx.backbones import build_backbone
 from cfgx.data.base import DatasetBundle
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
+from cfgx.pretrained.load import verify_weights
 from cfgx.store.atomic import atomic_torch_save
 from cfgx.store.reader import weights_blob
 from cfgx.store.rundir import CKPT_NAME
@@ -90,7 +91,10 @@ def load_ema_model(run_dir: Path, cfg: DictConfig, data: DatasetBundle, schedule
                    device: torch.device) -> tuple[nn.Module, int]:
     """The EMA weights of a run's last checkpoint, ready for sampling; and its step."""
     model = build_backbone(cfg.backbone, data, schedule)
-    if cfg.backbone.name in ("exact", "pretrained"):  # nothing trained: the model is its own weights
+    if cfg.backbone.name == "pretrained":  # imported: no checkpoint; its files must still be the imported ones
+        model.weights_sha256 = verify_weights(run_dir, cfg.backbone)
+        return model.to(device).eval(), 0
+    if cfg.backbone.name == "exact":  # nothing trained: the model is its own weights
         return model.to(device).eval(), 0
     path = Path(run_dir) / "checkpoints" / CKPT_NAME
     if not path.is_file():
