@@ -42,7 +42,7 @@ def _split(args: list[str]) -> tuple[str, dict[str, Any], list[str]]:
                         "e.g. cfgx import model=./DiT-XL-2-256 dataset.root=./imagenet-val-256")
     if not any(o.startswith("dataset.root=") for o in rest):
         raise CfgxError("cfgx import needs dataset.root=PATH: the reference image folder (<root>/<class>/<image>) "
-                        "at the model's resolution")
+                        "or an ADM-format .npz batch (arr_0 images, arr_1 labels) at the model's resolution")
     src = mine["model"]
     src = src if src.startswith(PREFIX) else str(Path(src).expanduser().resolve())
     k = mine.get("guide_channels")
@@ -64,11 +64,16 @@ def _image_shape(pre: Pretrained) -> tuple[int, ...]:
 
 
 def import_config(src: str, opts: dict[str, Any], loader: str, pre: Pretrained, rest: list[str]) -> DictConfig:
-    """The run's config: an imagefolder reference at the model's resolution, the model's schedule and sampler."""
+    """The run's config: an image-folder or .npz reference at the model's resolution, the model's schedule and
+    sampler."""
     c, h, _ = _image_shape(pre)
-    cfg = compose(["dataset=imagefolder", f"dataset.resolution={h}", f"dataset.channels={c}", *rest])
+    root = next(o.split("=", 1)[1] for o in rest if o.startswith("dataset.root="))
+    kind = "npz" if root.endswith(".npz") else "imagefolder"  # an ADM-format batch, or a class-per-folder tree
+    cfg = compose([f"dataset={kind}", f"dataset.resolution={h}", f"dataset.channels={c}", *rest])
     conv = pre.conventions
     with open_dict(cfg):
+        if kind == "npz" and cfg.dataset.num_classes is None:  # a batch may miss the top label: the model knows
+            cfg.dataset.num_classes = int(conv.num_classes)
         cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader, **opts})
         if conv.time == "ddpm":  # sample on the model's own timesteps: the adapter's time map is then the identity
             sched = conv.schedule
@@ -88,8 +93,9 @@ def cmd_import(args: list[str]) -> int:
     cfg = import_config(src, opts, loader, pre, rest)
     data = build_dataset(cfg.dataset)
     if data.num_classes != pre.conventions.num_classes:
+        what = "classes (largest label + 1)" if data.name == "npz" else "class folders"
         raise CfgxError(f"the model has {pre.conventions.num_classes} classes but {cfg.dataset.root} has "
-                        f"{data.num_classes} class folders; give one folder per model class, in class-index order")
+                        f"{data.num_classes} {what}; give one class per model class, in class-index order")
     meta = {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seed": int(cfg.seed), "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": True,
             "imported": {"source": src, **opts, "loader": loader,

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from cfgx.data.base import DatasetBundle, stack_dataset
 from cfgx.data.gmm import build_gmm_bundle
 from cfgx.data.images import load_digits, load_imagefolder, load_torchvision, to_uint8
+from cfgx.data.npz import load_npz
 from cfgx.errors import CfgxError
 
 
@@ -31,6 +32,7 @@ LOADERS: dict[str, Callable[..., DatasetBundle]] = {
     "cifar100": load_torchvision,
     "svhn": load_torchvision,
     "imagefolder": load_imagefolder,
+    "npz": load_npz,
     "gmm1d": _load_gmm,
     "gmm2d": _load_gmm,
 }
