@@ -334,11 +334,18 @@ class Sweeper:
                               "is biased and not comparable with published numbers; raise eval.num_samples (50k is "
                               "standard)")
 
+    def _who(self) -> str:
+        """The dataset, or for an imported model which model on which reference set (titles name what was sampled)."""
+        name = getattr(self.model, "name", None) if hasattr(self.model, "row_fields") else None
+        if not name:
+            return self.data.name
+        return f"{name if name.startswith('py:') else Path(name).name} on {self.data.name}"
+
     def _save_side_by_side(self, p: Prepared, grids: dict[str, dict[str, torch.Tensor]]) -> list[Path]:
         label = p.rule.label
         paths = []
         for v, g in grids.items():
-            title = (f"{self.data.name}: {label} guidance, same seeds at every scale; rows are classes"
+            title = (f"{self._who()}: {label} guidance, same seeds at every scale; rows are classes"
                      + ("" if v == "none" else f"; postprocess={v}"))
             # Plain CFG keeps samples.png; each other rule gets its own file beside it.
             stem = "samples" + ("" if label == "cfg" else f"_{label.replace('@', '_')}")
