@@ -219,3 +219,34 @@ def test_sweep_learned_variance_rows_are_their_own(workdir, capsys) -> None:
     md = (run / "metrics.md").read_text()
     assert "ddpm-learned" in md
     assert json.loads((run / "meta.json").read_text())["imported"]["conventions"]["learned_sigma"]
+
+
+class _Net(torch.nn.Module):
+    """eps-like channels, then variance channels that say which branch and label produced them."""
+
+    def __init__(self, tag: float) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def forward(self, x, t, y=None):
+        label = torch.zeros(len(x)) if y is None else y.float()
+        return torch.cat([0.5 * x, self.tag + label.view(-1, 1) + 0 * x], dim=1)
+
+
+@pytest.mark.parametrize("separate_uncond", [False, True])
+def test_variance_comes_from_the_conditional_rows(separate_uncond: bool) -> None:
+    from cfgx.diffusion.guidance import cfg_eps
+    from cfgx.pretrained.adapter import Conventions, ExternalDenoiser
+
+    schedule = NoiseSchedule("linear", 1000)
+    conv = Conventions("eps", "ddpm", num_classes=3, null_index=None if separate_uncond else 3, learned_sigma=True)
+    den = ExternalDenoiser(_Net(10.0), conv, schedule, uncond=_Net(-10.0) if separate_uncond else None)
+    x, t, y = torch.randn(2, 1), torch.full((2,), 400), torch.tensor([1, 2])
+    source = learned_variance_source(den, schedule)
+    cfg_eps(den, x, t, y, 4.0)  # one pair batch: cond rows, then null rows
+    assert source().tolist() == [[11.0], [12.0]]
+    den.set_guide_channels(1)
+    cfg_eps(den, x, t, y, 4.0)
+    assert source().tolist() == [[11.0], [12.0]]
+    cfg_eps(den, x, t, y, 0.0)  # the null branch alone: its own rows
+    assert source().tolist() == ([[-10.0], [-10.0]] if separate_uncond else [[13.0], [13.0]])
