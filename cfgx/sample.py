@@ -41,6 +41,8 @@ class CountingModel(torch.nn.Module):
 
     Rules such as interval guidance or autoguidance spend a varying number of network
     evaluations per step; counting them is what makes a row's ``nfe`` the evaluations made.
+    It only forwards calls, so what a call leaves on the inner model stays there: the DDPM sampler's
+    ``variance_source`` (sampler.variance=learned) is bound to the inner model, not to this wrapper.
     """
 
     def __init__(self, inner: torch.nn.Module) -> None:

@@ -132,6 +132,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "postprocess.apply_method": ("euler", "heun"), "postprocess.init": ("run", "scratch"),
     "guidance.rescale.space": ("x0", "eps"), "guidance.schedule": ("constant", "linear", "cosine"),
+    "sampler.spacing": ("linspace", "leading"), "sampler.variance": ("fixed_small", "fixed_large", "learned"),
 }
 # Keys that take a number or one word (their range check reads both).
 WORD_OR_NUMBER = ("cpu_threads", "eval.real_samples")
@@ -213,6 +214,10 @@ def cross_checks(cfg: DictConfig) -> None:
         if isinstance(s, (int, float)) and abs(float(s)) > MAX_SCALE:
             raise CfgxError(f"guidance scale {s!r} is beyond +-{MAX_SCALE:g}: the guided eps is then dominated by "
                             "float error and its samples overflow the data range; use scales within +-1000")
+    variance, sampler = OmegaConf.select(cfg, "sampler.variance"), OmegaConf.select(cfg, "sampler.name")
+    if variance not in (None, "fixed_small") and sampler != "ddpm":
+        raise CfgxError(f"sampler.variance={variance} is a choice of the ancestral DDPM sampler; sampler={sampler} "
+                        "has none; add sampler=ddpm (or drop sampler.variance)")
     device = str(OmegaConf.select(cfg, "device", default="auto"))
     if device.split(":")[0] == "meta":
         raise CfgxError("device='meta' holds no data (shapes only); use auto, cpu or cuda[:N]")

@@ -144,10 +144,56 @@ class DDIMSampler(Sampler):
         return x_prev
 
 
+VARIANCES = ("fixed_small", "fixed_large", "learned")
+VarianceSource = Callable[[], torch.Tensor]
+
+
 class DDPMSampler(Sampler):
-    """Ancestral DDPM (Ho et al. 2020) on respaced steps, posterior variance beta-tilde."""
+    """Ancestral DDPM (Ho et al. 2020) on respaced steps.
+
+    Each step x_t -> x_{t_prev} draws from N(posterior mean, Sigma) on the respaced chain, whose
+    beta = 1 - abar_t / abar_prev and beta-tilde = beta (1 - abar_prev) / (1 - abar_t). ``variance``:
+    ``fixed_small`` Sigma = beta-tilde (the default); ``fixed_large`` Sigma = beta (Ho et al.'s other
+    choice); ``learned`` (Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models",
+    Sec. 3.1) log Sigma = f log beta + (1 - f) log beta-tilde, f = (v + 1) / 2 per dimension, with v
+    the network's variance output: guided-diffusion's LEARNED_RANGE, which DiT's 250-step protocol
+    samples with. ``variance_source()`` returns v for the rows being sampled; the caller binds it to
+    the model (cfgx.pretrained.adapter.learned_variance_source), since eps_fn returns eps only.
+    """
 
     name = "ddpm"
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: float | None = 1.0, eta: float = 0.0,
+                 spacing: str = "linspace", variance: str = "fixed_small",
+                 variance_source: VarianceSource | None = None) -> None:
+        super().__init__(schedule, steps, clip_x0=clip_x0, eta=eta, spacing=spacing)
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown DDPM variance {variance!r}; valid: {', '.join(VARIANCES)}")
+        if (variance == "learned") != (variance_source is not None):
+            raise ValueError("variance='learned' needs a variance_source (the model's variance output), and only it")
+        self.variance, self.variance_source = variance, variance_source
+
+    def log_variance(self, t: int, t_prev: int, v: torch.Tensor | None = None) -> torch.Tensor | float:
+        """log Sigma of the step t -> t_prev (``v``: the network's variance output, for ``learned``).
+
+        Where beta-tilde = 0 (onto t = 0, abar_prev = 1) its log is that of the chain's next step, as
+        guided-diffusion's ``posterior_log_variance_clipped``; that step adds no noise, so it never
+        reaches a sample.
+        """
+        abar, abar_prev = self._abar(t), self._abar(t_prev)
+        beta = 1 - abar / abar_prev
+        if t_prev < 0 and len(self.timesteps) > 1:
+            t1 = self.timesteps[-2]  # the chain's step into t (the respaced chain's index 1)
+            beta1 = 1 - self._abar(t1) / abar
+            log_small = math.log(beta1 * (1 - abar) / (1 - self._abar(t1)))
+        else:
+            log_small = math.log(beta * (1 - abar_prev) / (1 - abar)) if t_prev >= 0 else math.log(beta)
+        if self.variance == "fixed_small":
+            return log_small
+        if self.variance == "fixed_large":
+            return math.log(beta)
+        frac = (v + 1) / 2
+        return frac * math.log(beta) + (1 - frac) * log_small
 
     def step(self, x, eps, t, t_prev, generator):
         abar, abar_prev = self._abar(t), self._abar(t_prev)
@@ -159,8 +205,17 @@ class DDPMSampler(Sampler):
         mean = c0 * x0 + ct * x
         if t_prev < 0:
             return mean
-        var = beta * (1 - abar_prev) / (1 - abar)
-        return mean + var ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+        if self.variance == "fixed_small":
+            var = beta * (1 - abar_prev) / (1 - abar)
+            return mean + var ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+        if self.variance == "fixed_large":
+            return mean + beta ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+        v = self.variance_source()
+        if v.shape != x.shape:
+            raise RuntimeError(f"the model's variance output has shape {tuple(v.shape)}, the step {tuple(x.shape)}: "
+                               "it must come from the rows this step evaluated")
+        log_var = self.log_variance(t, t_prev, v.float())
+        return mean + torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=generator, device=x.device)
 
 
 class DPMSolverPP2MSampler(Sampler):
@@ -213,11 +268,16 @@ SAMPLERS = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "dpmpp2m": DPMSolverPP2MSa
 
 
 def build_sampler(name: str, schedule: NoiseSchedule, steps: int, eta: float = 0.0,
-                  clip_x0: float | None = 1.0, spacing: str = "linspace") -> Sampler:
+                  clip_x0: float | None = 1.0, spacing: str = "linspace", variance: str = "fixed_small",
+                  variance_source: VarianceSource | None = None) -> Sampler:
+    """``variance`` and ``variance_source``: DDPM's (DDPMSampler); the other samplers take fixed_small only."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
+    if name != "ddpm" and variance != "fixed_small":
+        raise ValueError(f"sampler.variance={variance} applies to sampler=ddpm only, not {name}")
+    extra = {"variance": variance, "variance_source": variance_source} if name == "ddpm" else {}
     if spacing == "linspace":
-        return SAMPLERS[name](schedule, steps, clip_x0=clip_x0, eta=eta)
+        return SAMPLERS[name](schedule, steps, clip_x0=clip_x0, eta=eta, **extra)
     if name == "dpmpp2m":
         raise ValueError("sampler=dpmpp2m spaces its steps in log-SNR; sampler.spacing applies to ddim and ddpm")
-    return SAMPLERS[name](schedule, steps, clip_x0=clip_x0, eta=eta, spacing=spacing)
+    return SAMPLERS[name](schedule, steps, clip_x0=clip_x0, eta=eta, spacing=spacing, **extra)

@@ -30,6 +30,7 @@ Time variables (what the network is called with):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,8 @@ class Conventions:
     ``null_index``: the label the network reads as "no class" (diffusers' DiT: its
     ``num_embeds_ada_norm``); None when a separate unconditional network (called ``uncond(x', time)``)
     serves as the null branch. ``learned_sigma``: the output has 2C channels, eps-like ones first
-    (Nichol & Dhariwal 2021); the adapter keeps the first C. ``schedule``: the model's own
+    (Nichol & Dhariwal 2021); the adapter returns the first C and keeps the rest for
+    ``sampler.variance=learned`` (``learned_variance_source``). ``schedule``: the model's own
     ``NoiseSchedule`` keyword arguments (time ``ddpm``).
     """
 
@@ -158,6 +160,7 @@ class ExternalDenoiser(nn.Module):
         self.num_classes = int(conv.num_classes)
         self.map = ProcessMap(conv)
         self._lam = _sched_logsnr(schedule)
+        self._variance: torch.Tensor | None = None  # learned-variance channels of the last call (learned_variance)
 
     def row_fields(self) -> dict[str, Any]:
         """Columns naming the model's conventions; rules not linear in the prediction (rescale, APG,
@@ -179,14 +182,33 @@ class ExternalDenoiser(nn.Module):
             raise CfgxError(f"guide_channels={k} must be between 1 and the model's channels")
         self.guide_channels = None if k is None else int(k)
 
-    def _keep_tail_conditional(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b, k = x.shape[0] // 2, self.guide_channels
-        null = y == self.num_classes
-        if k is None or x.shape[0] % 2 or not null[b:].all() or null[:b].any() or not torch.equal(x[:b], x[b:]):
+    def _pair_half(self, x: torch.Tensor, y: torch.Tensor) -> int | None:
+        """B when the call is the cond/null pair batch rules make (cond rows, then null rows, same x), else None."""
+        b, null = x.shape[0] // 2, y == self.num_classes
+        if x.shape[0] % 2 or not null[b:].all() or null[:b].any() or not torch.equal(x[:b], x[b:]):
+            return None
+        return b
+
+    def _keep_tail_conditional(self, out: torch.Tensor, b: int | None) -> torch.Tensor:
+        k = self.guide_channels
+        if k is None or b is None:
             return out
         out = out.clone()
         out[b:, k:] = out[:b, k:]
         return out
+
+    def learned_variance(self) -> torch.Tensor:
+        """The variance output v (Nichol & Dhariwal 2021) of the rows the last call evaluated, float32.
+
+        For the cond/null pair batch, the conditional half: facebookresearch/DiT's ``forward_with_cfg``
+        returns the conditional rows' variance channels with the guided eps, and ``p_sample`` uses them,
+        so guidance (and ``guide_channels``) acts on eps only. A call on one branch (s = 1: cond; s = 0 or
+        classifier guidance: null) leaves its own rows' v. Rules evaluate the denoiser once per step
+        (a pair, or one branch), so after eps_fn this is the step's v.
+        """
+        if self._variance is None:
+            raise RuntimeError("no learned variance: the model has not been called, or has no variance channels")
+        return self._variance
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as images in [-1, 1]: decoded in batches for a latent model, unchanged otherwise."""
@@ -196,11 +218,13 @@ class ExternalDenoiser(nn.Module):
         p = next(iter(self.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _call(self, net: Any, xp: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _call(self, net: Any, xp: torch.Tensor, time: torch.Tensor,
+              y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the eps-like channels, the learned-variance channels or None)."""
         out = net(xp, time) if y is None else net(xp, time, y)
         if self.conv.learned_sigma:
-            out = out[:, : xp.shape[1]]
-        return out
+            return out[:, : xp.shape[1]], out[:, xp.shape[1]:]
+        return out, None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         lam = self._lam.to(x.device)[t.long().reshape(-1)]
@@ -216,18 +240,49 @@ class ExternalDenoiser(nn.Module):
         null = y == self.num_classes
         if self.conv.null_index is not None or not null.any():
             yy = torch.where(null, torch.full_like(y, int(self.conv.null_index or 0)), y)
-            out = self._call(self.net, xp, time, yy)
+            out, var = self._call(self.net, xp, time, yy)
         else:
             out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
-            cond = ~null
-            if cond.any():
-                out[cond] = self._call(self.net, xp[cond], time[cond], y[cond]).double()
-            out[null] = self._call(self.uncond, xp[null], time[null], None).double()
+            var = torch.empty(x.shape, device=x.device) if self.conv.learned_sigma else None
+            for rows, net, yy in ((~null, self.net, y), (null, self.uncond, None)):
+                if rows.any():
+                    o, v = self._call(net, xp[rows], time[rows], None if yy is None else yy[rows])
+                    out[rows] = o.double()
+                    if var is not None:
+                        var[rows] = v.float()
+        pair = self._pair_half(x, y) if self.guide_channels is not None or var is not None else None
+        if var is not None:
+            self._variance = (var if pair is None else var[:pair]).float()
         if same and self.conv.prediction == "eps":
-            return self._keep_tail_conditional(out.float(), x, y)
+            return self._keep_tail_conditional(out.float(), pair)
         # ... and the conversion uses exactly what it saw, in float64
         eps = to_eps(out, xp.double(), a.view(view), s.view(view), da.view(view), ds.view(view), self.conv.prediction)
-        return self._keep_tail_conditional(eps.float(), x, y)
+        return self._keep_tail_conditional(eps.float(), pair)
+
+
+def learned_variance_source(model: Any, schedule: NoiseSchedule) -> Callable[[], torch.Tensor]:
+    """The DDPM sampler's ``variance_source`` for ``sampler.variance=learned``: the model's own variance output.
+
+    Refused in one line (CfgxError) unless the model outputs learned-variance channels and is called on
+    cfgx's own DDPM timesteps: its v interpolates between log beta and log beta-tilde of the chain it was
+    trained on, which the sampler's steps are only when the run's schedule is the model's (what
+    ``cfgx import`` sets for a DDPM-time model).
+    """
+    fix = "use sampler.variance=fixed_small (the default)"
+    if not isinstance(model, ExternalDenoiser):
+        raise CfgxError("sampler.variance=learned needs a model that outputs its variance (e.g. an imported DiT); "
+                        f"this run's network predicts eps only; {fix}")
+    c = model.conv
+    if not c.learned_sigma:
+        raise CfgxError(f"sampler.variance=learned: {model.name} has no learned-variance output channels (its "
+                        f"output has as many channels as its input); {fix}")
+    theirs = NoiseSchedule(**c.schedule).alpha_bars if c.time == "ddpm" else None
+    own = (theirs is not None and c.time_scale == 1 and theirs.shape == schedule.alpha_bars.shape
+           and torch.allclose(theirs, schedule.alpha_bars, rtol=0, atol=1e-12))
+    if not own:
+        raise CfgxError(f"sampler.variance=learned: {model.name} is not called on this run's DDPM timesteps ("
+                        f"{c.describe()}), so its variance is not of the sampler's chain; {fix}")
+    return model.learned_variance
 
 
 class LatentCodec(nn.Module):
