@@ -15,10 +15,10 @@ from cfgx.cli.sweep import sweep_config
 from cfgx.config import compose, normalize_overrides, rule_block, selects, touches
 from cfgx.data import build_dataset
 from cfgx.diffusion.guidance import get_rule
-from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.postprocess import train_postprocessor
+from cfgx.sample import run_sampler
 from cfgx.store.atomic import atomic_write_json, atomic_write_text
 from cfgx.store.checkpoints import load_ema_model
 from cfgx.store.rundir import new_run_dir, pick_device, provenance
@@ -77,10 +77,8 @@ def cmd_postprocess(args: list[str]) -> int:
         raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")
     console = make_console()
     model, step = load_ema_model(run_dir, cfg, data, schedule, device)
-    # The sweep's sampler: an imported latent model turns x0 clipping off and may space its steps its own way.
-    sampler = build_sampler(cfg.sampler.name, schedule, int(cfg.sampler.steps), float(cfg.sampler.eta),
-                            clip_x0=getattr(model, "clip_x0", data.clip),
-                            spacing=str(cfg.sampler.get("spacing", "linspace")))
+    sampler, tag = run_sampler(cfg, schedule, model, data)  # the sweep's: pairs drawn as its rows are
+    sampler.tag = tag
     post = OmegaConf.to_container(cfg.postprocess, resolve=True)
     feature_fn = None
     if post.get("nn_space") in ("classifier", "inception"):

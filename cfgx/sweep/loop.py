@@ -25,17 +25,15 @@ from cfgx.config import config_hash, guidance_rules
 from cfgx.console import say
 from cfgx.data import DatasetBundle
 from cfgx.diffusion.guidance import Prepared, RuleEnv
-from cfgx.diffusion.samplers import build_sampler
 from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.loggers.hub import LoggerHub
 from cfgx.metrics.reference import write_samples_npz
 from cfgx.metrics.suite import EvalSuite
-from cfgx.pretrained.adapter import learned_variance_source
 from cfgx.report.best_scale import best_scale_console
 from cfgx.report.grids import save_grid, save_side_by_side
 from cfgx.report.plots import plot_run
 from cfgx.report.tables import console_table, write_tables
-from cfgx.sample import balanced_labels, generate
+from cfgx.sample import balanced_labels, generate, run_sampler
 from cfgx.store.atomic import atomic_torch_save
 from cfgx.store.locks import acquire, locked, release_all
 from cfgx.store.reader import features_blob
@@ -90,16 +88,7 @@ class Sweeper:
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         # An imported model (cfgx/pretrained) may sample latents: its own shape, x0 clipping off, decoded later.
         self.shape = getattr(model, "sample_shape", None) or data.shape
-        spacing = str(OmegaConf.select(cfg, "sampler.spacing", default="linspace"))
-        variance = str(OmegaConf.select(cfg, "sampler.variance", default="fixed_small"))
-        # sampler.variance=learned: DDPM reads the model's own variance output through a hook bound to the
-        # model itself (GuidedEps returns eps only); a model without one is refused here, before any sampling.
-        source = learned_variance_source(model, self.schedule) if variance == "learned" else None
-        self.sampler = build_sampler(cfg.sampler.name, self.schedule, int(cfg.sampler.steps),
-                                     float(cfg.sampler.eta), clip_x0=getattr(model, "clip_x0", data.clip),
-                                     spacing=spacing, variance=variance, variance_source=source)
-        self.sampler_tag = (self.sampler.name + ("" if spacing == "linspace" else f"-{spacing}")  # rows and keys
-                            + ("" if variance == "fixed_small" else f"-{variance}"))
+        self.sampler, self.sampler_tag = run_sampler(cfg, self.schedule, model, data)  # tag: rows and keys
         self.labels = balanced_labels(self.opt.num_samples, data.num_classes)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         # Every rule's extra model (guidance classifier, autoguidance guide) is loaded before sampling
