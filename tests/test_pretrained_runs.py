@@ -113,3 +113,49 @@ def test_py_source_imports_and_sweeps(workdir, monkeypatch, capsys) -> None:
         assert r["model"] == "py:tiny_edm_source:factory" and r["model_prediction"] == "x0"
         assert r["model_time"] == "edm" and r["model_sha256"] is None and r["accuracy"] is not None
     assert rows[0]["fd_classifier"] != rows[2]["fd_classifier"]  # the scale reached the network
+
+
+ADM_LIKE = '''
+import torch
+from torch import nn
+from cfgx.pretrained.adapter import Conventions
+from cfgx.pretrained.entry import Pretrained
+
+
+class TinyUNetModel(nn.Module):
+    """guided-diffusion's UNetModel interface: forward(x, timesteps, y=None) -> [eps, v] (learn_sigma)."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.emb = nn.Embedding(classes, 6) if classes else None
+
+    def forward(self, x, timesteps, y=None):
+        h = self.conv(x) + (timesteps.float() / 1000)[:, None, None, None]
+        if self.emb is not None:
+            h = h + self.emb(y)[:, :, None, None]
+        return torch.cat([0.5 * torch.tanh(h[:, :3]), torch.tanh(h[:, 3:])], dim=1)
+
+
+def factory():
+    torch.manual_seed(0)
+    cond, uncond = TinyUNetModel(3), TinyUNetModel(0)
+    conv = Conventions("eps", "ddpm", num_classes=3, null_index=None, learned_sigma=True,
+                       schedule={"kind": "linear", "num_steps": 1000})
+    return Pretrained(cond, conv, uncond=uncond, shape=(3, 16, 16))
+'''
+
+
+def test_two_network_learned_variance_py_source(workdir, monkeypatch) -> None:
+    """ADM's layout (a conditional and a separate unconditional network, learned variance) imported through
+    py: and swept with its own sampler: the README's worked example, in small."""
+    (workdir / "tiny_adm_source.py").write_text(ADM_LIKE)
+    monkeypatch.syspath_prepend(str(workdir))
+    ref = _reference_folder(workdir / "ref", classes=3, per_class=4)
+    assert main(["import", "model=py:tiny_adm_source:factory", f"dataset.root={ref}"]) == 0
+    run = _the_run(workdir)
+    assert main(["sweep", f"run={run}", "guidance=0,1,2", "sampler=ddpm", "sampler.variance=learned",
+                 *SMALL]) == 0
+    rows = sorted(load_rows(run), key=lambda r: r["s"])
+    assert [(r["s"], r["sampler"], r["nfe"]) for r in rows] == [(0.0, "ddpm-learned", 4), (1.0, "ddpm-learned", 4),
+                                                              (2.0, "ddpm-learned", 8)]
