@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -213,6 +214,10 @@ def cross_checks(cfg: DictConfig) -> None:
         if isinstance(s, (int, float)) and abs(float(s)) > MAX_SCALE:
             raise CfgxError(f"guidance scale {s!r} is beyond +-{MAX_SCALE:g}: the guided eps is then dominated by "
                             "float error and its samples overflow the data range; use scales within +-1000")
+    src = OmegaConf.select(cfg, "eval.classifier.source", default=None)
+    if src is not None and not re.fullmatch(r"auto|own|none|torchvision:\w+:.+", str(src)):
+        raise CfgxError(f"eval.classifier.source={src!r}; valid: auto, own, none, torchvision:ARCH:PATH "
+                        "(e.g. torchvision:resnet50:/path/to/resnet50-11ad3fa6.pth)")
     device = str(OmegaConf.select(cfg, "device", default="auto"))
     if device.split(":")[0] == "meta":
         raise CfgxError("device='meta' holds no data (shapes only); use auto, cpu or cuda[:N]")
