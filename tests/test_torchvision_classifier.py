@@ -164,3 +164,31 @@ def test_schema_accepts_sources() -> None:
         validate(compose([f"eval.classifier.source={value}"]))
     assert compose([]).eval.classifier.source == "auto"
     assert parse_source("auto", pretrained=True).kind == "none" and parse_source("auto").kind == "own"
+
+
+def test_own_classifier_keys_unchanged_by_the_source_key() -> None:
+    """``source`` is not part of the own classifier's settings: its cache key (and so every cached classifier and
+    row of a trained run) is what it was before the key existed."""
+    from cfgx.metrics.eval_classifier import _cache_key
+    from cfgx.metrics.suite import MetricSettings
+
+    cfg = compose(["dataset=digits"])
+    data = build_dataset(cfg.dataset)
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    del old.eval.classifier["source"]
+    new_opt, old_opt = MetricSettings.from_config(cfg), MetricSettings.from_config(old)
+    assert new_opt.classifier == old_opt.classifier and "source" not in new_opt.classifier
+    assert new_opt.classifier_source.kind == old_opt.classifier_source.kind == "own"
+    key = _cache_key(data, new_opt.dataset, new_opt.classifier)
+    assert key == _cache_key(data, old_opt.dataset, old_opt.classifier)
+
+
+def test_guidance_auto_metric_without_a_classifier() -> None:
+    from cfgx.sweep.search import search_metric
+
+    assert search_metric("auto", ["inception"]) == "fid" and search_metric("auto", ["classifier"]) == "fd_classifier"
+    assert search_metric("auto", ["dinov2"]) == "fd_dinov2"  # eval.classifier.source=none, eval.features=dinov2
+    for metric, spaces, why in (("fd_classifier", ["inception"], "needs an evaluation classifier"),
+                                ("auto", [], "computes none")):
+        with pytest.raises(CfgxError, match=why):
+            search_metric(metric, spaces)

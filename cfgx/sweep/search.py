@@ -191,5 +191,5 @@ def scales_words(cfg: DictConfig) -> str:
     auto = auto_settings(cfg)
     if auto is None:
         return "at s = " + ", ".join(f"{float(s):g}" for s in cfg.guidance.scales)
-    metric = auto[3] if auto[3] != "auto" else "FD (fid with Inception features, else fd_classifier)"
+    metric = auto[3] if auto[3] != "auto" else "FD (fid with Inception features, else fd_classifier, else fd_dinov2)"
     return f"searching s in [{auto[0]:g}, {auto[1]:g}] for the lowest {metric} (tolerance {auto[2]:g})"
