@@ -93,7 +93,7 @@ def _protocol_section(rows: list[dict], match: float) -> str:
         best = min(scored, key=lambda r: r[fk]) if scored else None
         m = matched_point(rs, match)
         scales = ",".join(f"{s:g}" for s in sorted({float(r["s"]) for r in rs}))
-        if m["best_accuracy"] is None and m["s"] is None:  # eval.classifier.source=none: no accuracy to match
+        if m["s"] is None and m["best_accuracy"] is None:  # eval.classifier.source=none: no accuracy to match
             tail = "n/a (no evaluation classifier) | | | | |"
         elif m["s"] is None:
             tail = f"not reached (max {_f(m['best_accuracy'])} at s={_f(m['best_s'])}) | | | | |"
