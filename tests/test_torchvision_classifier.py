@@ -192,3 +192,28 @@ def test_guidance_auto_metric_without_a_classifier() -> None:
                                 ("auto", [], "computes none")):
         with pytest.raises(CfgxError, match=why):
             search_metric(metric, spaces)
+
+
+def test_published_transform_follows_the_file_hash() -> None:
+    """ResNet-50's two ImageNet weights resize differently (256 vs 232 px): the file's sha256 picks the entry."""
+    from cfgx.metrics.torchvision_classifier import _published_weights
+
+    v1, v2 = torchvision.models.ResNet50_Weights.IMAGENET1K_V1, torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    assert _published_weights("resnet50", "0676ba61" + "0" * 56) is v1
+    assert _published_weights("resnet50", "11ad3fa6" + "0" * 56) is v2
+    assert _published_weights("resnet50", "f" * 64) is v2  # unknown file: torchvision's default entry
+    assert v1.transforms().resize_size != v2.transforms().resize_size
+
+
+def test_rows_of_different_classifiers_are_never_compared() -> None:
+    from cfgx.protocol import split_by_protocol
+    from cfgx.report.tables import reader_columns
+
+    base = {"method": "cfg", "sampler": "ddim", "steps": 3, "num_samples": 12, "checkpoint_step": 0, "fid": 1.0}
+    own = [{**base, "s": s, "extractor_classifier": "eval_classifier:imagefolder-abc"} for s in (1, 4)]
+    none = [{**base, "s": s, "extractor_classifier": "none"} for s in (1, 4)]
+    assert [len(rs) for _, rs in split_by_protocol(own)] == [2]
+    assert "classifier" not in split_by_protocol(own)[0][0] and "extractor_classifier" not in reader_columns(own)
+    parts = split_by_protocol(own + none)
+    assert sorted(len(rs) for _, rs in parts) == [2, 2] and any(lbl.endswith("classifier none") for lbl, _ in parts)
+    assert "extractor_classifier" in reader_columns(own + none)

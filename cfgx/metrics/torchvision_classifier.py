@@ -114,14 +114,15 @@ class TorchvisionClassifier(nn.Module):
 
 def _build(arch: str, state: dict[str, torch.Tensor]) -> tuple[nn.Module, str]:
     """The architecture with as many classes as the state dict's final layer, its weights loaded strictly."""
+    # the weights replace every initial value: skip the slow scipy init these two would warn about
+    kwargs: dict[str, Any] = {"init_weights": False} if arch in ("inception_v3", "googlenet") else {}
     with torch.device("meta"):  # shapes only: which layer is the final one
-        head = _final_linear(torchvision.models.get_model(arch))
+        head = _final_linear(torchvision.models.get_model(arch, **kwargs))
     if f"{head}.weight" not in state:
         raise CfgxError(f"the weights have no {head}.weight: not a torchvision {arch} state dict")
-    kwargs: dict[str, Any] = {"num_classes": int(state[f"{head}.weight"].shape[0])}
-    if arch in ("inception_v3", "googlenet"):  # as torchvision builds them for their published weights
-        kwargs.update(transform_input=True, aux_logits=any(k.startswith(("AuxLogits.", "aux1.")) for k in state),
-                      init_weights=False)
+    kwargs["num_classes"] = int(state[f"{head}.weight"].shape[0])
+    if arch in ("inception_v3", "googlenet"):  # as torchvision builds them for its published weights
+        kwargs.update(transform_input=True, aux_logits=any(k.startswith(("AuxLogits.", "aux1.")) for k in state))
     net = torchvision.models.get_model(arch, weights=None, **kwargs)
     try:
         net.load_state_dict(state, strict=True)
@@ -150,7 +151,7 @@ def load_torchvision_classifier(src: ClassifierSource, num_classes: int,
                         f"{num_classes}; give one class folder per classifier class, in its class-index order")
     weights = _published_weights(arch, digest)
     clf = TorchvisionClassifier(net, head, weights.transforms()).to(device).eval()
-    return clf, {"extractor_classifier": f"torchvision:{arch}:{path.name}@{digest[:12]} ({weights})",
+    return clf, {"extractor_classifier": f"torchvision:{arch}:{path.name}@{digest[:12]} ({weights} transforms)",
                  "classifier_weights": digest}
 
 

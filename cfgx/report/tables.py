@@ -45,11 +45,11 @@ def columns_of(rows: list[dict]) -> list[str]:
 # metrics.md: what a reader compares. Columns that never vary (sampler, samples, ...) are left
 # out there unless they differ between rows; the CSV/JSON keep all of them.
 MD_COLUMNS = ["run_label", "method", "postprocess", "checkpoint_step", "sampler", "steps", "num_samples", "protocol",
-              "searched", "s",
+              "extractor_classifier", "searched", "s",
               "w_ho", "nfe", "accuracy", "fd_classifier", "fid", "is_mean", "kid_mean", "precision", "recall",
               "density", "coverage", "vendi", "diversity_within_class", "margin", "near_boundary"]
 MD_IF_VARIED = {"run_label", "method", "postprocess", "checkpoint_step", "sampler", "steps", "num_samples",
-                "protocol", "searched"}
+                "protocol", "extractor_classifier", "searched"}
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
