@@ -94,9 +94,8 @@ def test_sweep_rows_equal_the_oracle(workdir, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     net = _resnet18()
     weights = _save(net, workdir / "r18.pt")
-    source = f"eval.classifier.source=torchvision:resnet18:{weights}"
-    run = _import(workdir, source)
-    assert _config(run).eval.classifier.source == source.split("=", 1)[1]
+    run = _import(workdir, "eval.classifier.source=torchvision:resnet18:r18.pt")  # relative to the cwd
+    assert _config(run).eval.classifier.source == f"torchvision:resnet18:{weights}"  # stored absolute
     assert main(["sweep", f"run={run}", *SWEEP, "eval.save_npz=true"]) == 0
     rows = load_rows(run)
     assert len(rows) == 2

@@ -4,11 +4,11 @@ external model (``guide_channels=3``: guide only the first 3 latent channels, Di
 SOURCE is a diffusers DiT folder (DiTPipeline.save_pretrained), an official DiT checkpoint file (with
 ``vae=`` the AutoencoderKL folder), or ``py:package.module:factory``; REF is
 the reference image folder (one sub-folder per model class, in class-index order) that the metrics
-compare samples with. No evaluation classifier unless one is named (``eval.classifier.source=torchvision:ARCH:PATH``,
-or ``own`` to train cfgx's on a small reference folder): its columns then stay empty. The run dir holds config.yaml (the
-``backbone: pretrained`` block naming the source), meta.json (the weights' sha256, the model's
-conventions; ``train_finished`` so it is a default sweep target) and nothing else, so ``cfgx sweep``,
-``cfgx report`` and torchrun sweeps run on it as on a trained run.
+compare samples with. No evaluation classifier unless one is named (``eval.classifier.source=
+torchvision:ARCH:PATH``, or ``own`` to train cfgx's on a small reference folder): its columns then stay
+empty. The run dir holds config.yaml (the ``backbone: pretrained`` block naming the source), meta.json
+(the weights' sha256, the model's conventions; ``train_finished`` so it is a default sweep target) and
+nothing else, so ``cfgx sweep``, ``cfgx report`` and torchrun sweeps run on it as on a trained run.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def cmd_import(args: list[str]) -> int:
     source = parse_source(cfg.eval.classifier.source, pretrained=True)
     if source.kind == "torchvision":  # its file and class count refused now, not at the first sweep
         load_torchvision_classifier(source, data.num_classes, torch.device("cpu"))
+        cfg.eval.classifier.source = f"torchvision:{source.arch}:{Path(str(source.path)).resolve()}"  # any cwd
     meta = {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seed": int(cfg.seed), "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": True,
             "imported": {"source": src, **opts, "loader": loader,
