@@ -109,6 +109,8 @@ def test_sweep_rows_equal_the_oracle(workdir, monkeypatch) -> None:
         labels = torch.from_numpy(blob["arr_1"])
         assert r["accuracy"] == pytest.approx(float((logits.argmax(1) == labels).double().mean()), abs=1e-12)
         assert r["fd_classifier"] == pytest.approx(_frechet(real_f, f), rel=1e-4)
+        top2 = logits.topk(2, dim=1).values  # the logits themselves (a random net may predict one class only)
+        assert r["margin"] == pytest.approx(float((top2[:, 0] - top2[:, 1]).mean()), rel=1e-4)
         assert r["feature_space"] == "classifier" and r["classifier_weights"] == hashlib.sha256(
             weights.read_bytes()).hexdigest()
         assert r["eval_classifier_acc"] == pytest.approx(float((real_l.argmax(1) == real_y).double().mean()),
