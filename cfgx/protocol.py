@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # Row columns that define a protocol (a row lacking one, e.g. written before the column existed, has None).
 PROTOCOL_COLUMNS = ("protocol", "sampler", "steps", "eta", "num_samples", "seed_blocks", "checkpoint_step",
-                    "real_reference", "reference")
+                    "real_reference", "reference", "extractor_classifier")
+OWN_CLASSIFIERS = ("eval_classifier:", "exact_posterior")  # cfgx's own judges: left out of the label
 
 
 def protocol_key(row: dict[str, Any]) -> tuple:
@@ -35,8 +36,10 @@ def protocol_label(row: dict[str, Any]) -> str:
     eta = row.get("eta")
     sampler = f"{row.get('sampler')} {row.get('steps')} steps" + (f" eta={eta:g}" if eta else "")
     ref = row.get("reference") or row.get("real_reference")
+    clf = str(row.get("extractor_classifier") or "")
     return (f"{row.get('protocol') or 'default'}: {sampler}, {n}, checkpoint {row.get('checkpoint_step')}"
-            + (f", reference {ref}" if ref else ""))
+            + (f", reference {ref}" if ref else "")
+            + (f", classifier {clf.split(' ')[0]}" if clf and not clf.startswith(OWN_CLASSIFIERS) else ""))
 
 
 def split_by_protocol(rows: list[dict]) -> list[tuple[str, list[dict]]]:

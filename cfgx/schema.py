@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -218,6 +219,10 @@ def cross_checks(cfg: DictConfig) -> None:
     if variance not in (None, "fixed_small") and sampler != "ddpm":
         raise CfgxError(f"sampler.variance={variance} is a choice of the ancestral DDPM sampler; sampler={sampler} "
                         "has none; add sampler=ddpm (or drop sampler.variance)")
+    src = OmegaConf.select(cfg, "eval.classifier.source", default=None)
+    if src is not None and not re.fullmatch(r"auto|own|none|torchvision:\w+:.+", str(src)):
+        raise CfgxError(f"eval.classifier.source={src!r}; valid: auto, own, none, torchvision:ARCH:PATH "
+                        "(e.g. torchvision:resnet50:/path/to/resnet50-11ad3fa6.pth)")
     device = str(OmegaConf.select(cfg, "device", default="auto"))
     if device.split(":")[0] == "meta":
         raise CfgxError("device='meta' holds no data (shapes only); use auto, cpu or cuda[:N]")

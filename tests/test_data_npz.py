@@ -74,6 +74,6 @@ def test_import_with_an_npz_reference(workdir) -> None:
     assert json.loads((run / "meta.json").read_text())["dataset"] == "npz"
     assert main(["sweep", f"run={run}", "guidance=1", "eval.num_samples=20", "eval.batch_size=10",
                  "sampler.steps=2", "eval.features=classifier", "eval.classifier.steps=60",
-                 "eval.classifier.width=8"]) == 0
+                 "eval.classifier.width=8", "eval.classifier.source=own"]) == 0
     (row,) = load_rows(run)
     assert row["real_reference"] == "npz:train (80)" and row["accuracy"] is not None

@@ -207,7 +207,8 @@ def test_sweep_learned_variance_rows_are_their_own(workdir, capsys) -> None:
     _reference_folder(workdir / "ref")
     run = _import(workdir, "dit", "guide_channels=3")
     common = ["sampler=ddpm", "sampler.steps=4", "guidance=1,4", "eval.num_samples=10", "eval.batch_size=10",
-              "eval.classifier.steps=60", "eval.classifier.width=8", "eval.features=classifier"]
+              "eval.classifier.steps=60", "eval.classifier.width=8", "eval.features=classifier",
+              "eval.classifier.source=own"]
     assert main(["sweep", f"run={run}", *common, "sampler.variance=learned"]) == 0
     assert main(["sweep", f"run={run}", *common]) == 0
     rows = load_rows(run)

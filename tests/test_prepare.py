@@ -6,6 +6,8 @@ import hashlib
 import urllib.error
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from cfgx.cli import prepare
 from cfgx.cli.entry import main
@@ -18,8 +20,8 @@ def test_registry_names_urls_files_and_keys_that_exist():
     assert {"inception", "dinov2"} <= set(prepare.ARTIFACTS)
     for art in prepare.ARTIFACTS.values():
         assert art.url.startswith("https://") and art.url.endswith("/" + art.filename)
-        group, key = art.config_key.split(".")
-        assert key in cfg[group], art.config_key  # the key a user sets to point at a copy
+        # the key a user sets to point at a copy
+        assert OmegaConf.select(cfg, art.config_key, default=KeyError) is not KeyError, art.config_key
         assert art.default_path().name == art.filename
     assert prepare.ARTIFACTS["dinov2"].filename == "dinov2_vitl14_pretrain.pth"
 
@@ -77,3 +79,14 @@ def test_cli_hub_model_offline_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["prepare", "facebook/DiT-XL-2-256"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot fetch facebook/DiT-XL-2-256" in err and str(tmp_path) in err
+
+
+def test_classifier_artifact_prints_the_source_to_name(tmp_path, monkeypatch, capsys):
+    """A present ResNet-50 file (nothing downloaded): prepare prints the eval.classifier.source value naming it."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    art = prepare.ARTIFACTS["resnet50"]
+    art.default_path().parent.mkdir(parents=True)
+    art.default_path().write_bytes(b"present")
+    assert main(["prepare", "resnet50"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"set eval.classifier.source=torchvision:resnet50:{art.default_path()}" in out

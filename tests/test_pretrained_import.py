@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+import torch
+from conftest import REPO, random_fidelity_inception
 
 from cfgx.cli import main
 from cfgx.sweep.rows import load_rows
@@ -21,7 +22,8 @@ pytest.importorskip("diffusers")
 from test_pretrained_dit import save_tiny_pipeline  # noqa: E402
 
 SWEEP = ["guidance.method=[cfg,interval,apg]", "guidance=1,1.5,4", "eval.num_samples=20", "eval.batch_size=10",
-         "sampler.steps=4", "eval.classifier.steps=60", "eval.classifier.width=8", "eval.features=classifier"]
+         "sampler.steps=4", "eval.classifier.steps=60", "eval.classifier.width=8", "eval.features=classifier",
+         "eval.classifier.source=own"]  # an imported run has none unless named: train cfgx's on this small folder
 TIMING = {"seconds", "samples_per_s", "device"}
 
 
@@ -94,3 +96,29 @@ def test_import_errors_are_one_line(workdir, capsys) -> None:
     err = capsys.readouterr().err
     assert "the model has 10 classes" in err and err.count("\n") == 1
     assert not (workdir / "runs").exists()
+
+
+def test_imported_run_without_classifier_shows_why(workdir, capsys, monkeypatch) -> None:
+    """cfgx import's default (no evaluation classifier): classifier columns empty, the reason in every row, in
+    metrics.md and under the console table; precision/recall from Inception; guidance=auto minimises FID."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    save_tiny_pipeline(workdir / "dit", num_classes=3)
+    ref = _reference_folder(workdir / "ref", classes=3, per_class=4)
+    weights = workdir / "inception.pth"
+    torch.save({k: v.clone() for k, v in random_fidelity_inception().state_dict().items()}, weights)
+    assert main(["import", "model=dit", f"dataset.root={ref}"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "guidance=auto:0:4", "guidance.auto_tol=1.5", "eval.num_samples=12", "eval.batch_size=12",
+                 "sampler.steps=3", f"eval.inception_weights={weights}", "eval.pr_k=2", "eval.dc_k=2"]) == 0
+    out = capsys.readouterr().out
+    (run,) = [p.parent for p in (workdir / "runs").glob("imagefolder/*/meta.json")]
+    rows = load_rows(run)
+    assert len(rows) >= 3 and all(r["searched"] for r in rows)
+    for r in rows:
+        assert all(r[k] is None for k in ("accuracy", "fd_classifier", "margin", "eval_classifier_acc"))
+        assert r["extractor_classifier"] == "none" and "eval.classifier.source=none" in r["classifier_note"]
+        assert r["feature_space"] == "inception" and r["fid"] is not None and r["precision"] is not None
+    md = (run / "metrics.md").read_text()
+    assert "Note: no evaluation classifier (eval.classifier.source=none)" in md and "| accuracy" not in md
+    assert "name one with eval.classifier.source=torchvision:" in " ".join(out.split())
+    assert (run / "plot_tradeoff.png").is_file()

@@ -20,7 +20,7 @@ from test_pretrained_import import _reference_folder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["eval.num_samples=20", "eval.batch_size=10", "sampler.steps=4", "eval.classifier.steps=60",
-         "eval.classifier.width=8", "eval.features=classifier"]
+         "eval.classifier.width=8", "eval.features=classifier", "eval.classifier.source=own"]
 POST = ["postprocess.steps=20", "postprocess.samples_per_scale=10", "postprocess.train_scales=[1,3]",
         "postprocess.pair_batch_size=10", "postprocess.batch_size=8", "postprocess.ckpt_every=10",
         "postprocess.k=2", "postprocess.warmup_steps=2"]

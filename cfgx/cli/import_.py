@@ -4,10 +4,11 @@ external model (``guide_channels=3``: guide only the first 3 latent channels, Di
 SOURCE is a diffusers DiT folder (DiTPipeline.save_pretrained), an official DiT checkpoint file (with
 ``vae=`` the AutoencoderKL folder), or ``py:package.module:factory``; REF is
 the reference image folder (one sub-folder per model class, in class-index order) that the metrics
-compare samples with and the evaluation classifier trains on. The run dir holds config.yaml (the
-``backbone: pretrained`` block naming the source), meta.json (the weights' sha256, the model's
-conventions; ``train_finished`` so it is a default sweep target) and nothing else, so ``cfgx sweep``,
-``cfgx report`` and torchrun sweeps run on it as on a trained run.
+compare samples with. No evaluation classifier unless one is named (``eval.classifier.source=
+torchvision:ARCH:PATH``, or ``own`` to train cfgx's on a small reference folder): its columns then stay
+empty. The run dir holds config.yaml (the ``backbone: pretrained`` block naming the source), meta.json
+(the weights' sha256, the model's conventions; ``train_finished`` so it is a default sweep target) and
+nothing else, so ``cfgx sweep``, ``cfgx report`` and torchrun sweeps run on it as on a trained run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cfgx.cli.common import console as make_console
 from cfgx.config import compose, config_hash, normalize_overrides, validate
 from cfgx.data import build_dataset
 from cfgx.errors import CfgxError
+from cfgx.metrics.torchvision_classifier import load_torchvision_classifier, parse_source
 from cfgx.pretrained.entry import PREFIX, Pretrained
 from cfgx.pretrained.load import open_source, weights_sha256
 from cfgx.store.rundir import new_run_dir, provenance
@@ -74,6 +76,8 @@ def import_config(src: str, opts: dict[str, Any], loader: str, pre: Pretrained, 
     with open_dict(cfg):
         if kind == "npz" and cfg.dataset.num_classes is None:  # a batch may miss the top label: the model knows
             cfg.dataset.num_classes = int(conv.num_classes)
+        if not any(o.startswith("eval.classifier.source=") for o in rest):
+            cfg.eval.classifier.source = "none"  # cfgx's own would train on the reference set (ImageNet): name one
         cfg.backbone = OmegaConf.create({"name": "pretrained", "source": src, "loader": loader, **opts})
         if conv.time == "ddpm":  # sample on the model's own timesteps: the adapter's time map is then the identity
             sched = conv.schedule
@@ -96,6 +100,10 @@ def cmd_import(args: list[str]) -> int:
         what = "classes (largest label + 1)" if data.name == "npz" else "class folders"
         raise CfgxError(f"the model has {pre.conventions.num_classes} classes but {cfg.dataset.root} has "
                         f"{data.num_classes} {what}; give one class per model class, in class-index order")
+    source = parse_source(cfg.eval.classifier.source, pretrained=True)
+    if source.kind == "torchvision":  # its file and class count refused now, not at the first sweep
+        load_torchvision_classifier(source, data.num_classes, torch.device("cpu"))
+        cfg.eval.classifier.source = f"torchvision:{source.arch}:{Path(str(source.path)).resolve()}"  # any cwd
     meta = {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seed": int(cfg.seed), "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": True,
             "imported": {"source": src, **opts, "loader": loader,

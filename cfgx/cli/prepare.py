@@ -36,6 +36,7 @@ class Artifact:
     sha256: str | None  # full hex digest or a prefix of it (torch hub's file-name convention); None: unchecked
     config_key: str     # the key that points at a copy elsewhere
     what: str
+    value: str = "{path}"  # what config_key is set to (a classifier source names its architecture too)
 
     def default_path(self) -> Path:
         """Where cfgx looks when ``config_key`` is null: the torch hub checkpoint cache."""
@@ -47,6 +48,9 @@ ARTIFACTS: dict[str, Artifact] = {
                           "FID Inception-v3 (torch-fidelity's port of the TF 2015-12-05 graph)"),
     "dinov2": Artifact(DINOV2_URL, DINOV2_FILENAME, None, "eval.dinov2_weights",
                        "DINOv2 ViT-L/14, official facebookresearch state dict (FD_DINOv2)"),
+    "resnet50": Artifact("https://download.pytorch.org/models/resnet50-11ad3fa6.pth", "resnet50-11ad3fa6.pth",
+                         "11ad3fa6", "eval.classifier.source", "torchvision ResNet-50 IMAGENET1K_V2 (80.9% top-1), "
+                         "an ImageNet evaluation classifier", "torchvision:resnet50:{path}"),
 }
 
 Downloader = Callable[[str, str], None]
@@ -102,6 +106,8 @@ def cmd_prepare(args: list[str]) -> int:
     for name in names:
         path, fetched = fetch(name, Path(str(dests[name])) if dests.get(name) else None)
         art = ARTIFACTS[name]
+        named = art.value != "{path}" or path != art.default_path()  # a source must always be named
         console.print(f"{name} ({art.what}): {'saved to' if fetched else 'present at'} {path}"
-                      + ("" if path == art.default_path() else f"; set {art.config_key}={path}"))
+                      + (f"; set {art.config_key}={art.value.format(path=path)}" if named else ""),
+                      soft_wrap=True)  # a path to copy: never wrapped
     return 0

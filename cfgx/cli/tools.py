@@ -90,6 +90,10 @@ def cmd_postprocess(args: list[str]) -> int:
         if space == "inception" and suite.inception is None:
             raise CfgxError("postprocess.nn_space=inception needs Inception features; add "
                             "eval.features=[classifier,inception]")
+        if space == "classifier" and suite.no_clf:
+            raise CfgxError("postprocess.nn_space=classifier needs an evaluation classifier, and "
+                            "eval.classifier.source=none; name one (own, or torchvision:ARCH:PATH) or use "
+                            "postprocess.nn_space=inception")
         feature_fn = lambda x: suite.features_in(space, x)  # noqa: E731
     info = train_postprocessor(post, run_dir, data, model, schedule, sampler, device, console, feature_fn)
     console.print(f"postprocessor for {run_dir} (checkpoint step {step}) ready: "

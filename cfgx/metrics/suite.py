@@ -1,7 +1,8 @@
 """The evaluation suite: the real side prepared once, then every metric for a set of samples.
 
 Feature spaces (``eval.features``):
-- ``classifier``: the evaluation classifier (always on). Accuracy, Fréchet distance in
+- ``classifier``: the evaluation classifier (``eval.classifier.source``: cfgx's own, a torchvision
+  network, or none: :mod:`cfgx.metrics.torchvision_classifier`). Accuracy, Fréchet distance in
   its features, within-class diversity, decision-boundary statistics.
 - ``inception``: the FID InceptionV3, one forward pass per image for FID, IS, KID and
   precision/recall/density/coverage/Vendi.
@@ -12,7 +13,7 @@ Feature spaces (``eval.features``):
 8 px images mean little) and both spaces elsewhere.
 
 Precision/recall, density/coverage and Vendi are computed in the *primary* space:
-Inception when it is on, else the classifier; the ``feature_space`` column says which.
+Inception when it is on, else the classifier, else DINOv2; the ``feature_space`` column says which.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ from cfgx.metrics.inception import FeatureExtractor
 from cfgx.metrics.reference import load_reference
 from cfgx.metrics.sfid import sfid_from_features
 from cfgx.metrics.standard import fid_from_features, inception_score_from_logits, kid_from_features
+from cfgx.metrics.torchvision_classifier import (
+    CLASSIFIER_COLUMNS,
+    NOTE,
+    ClassifierSource,
+    TorchvisionClassifier,
+    load_torchvision_classifier,
+    parse_source,
+    real_features,
+)
 from cfgx.store.locks import locked
 
 INCEPTION_DIM = 2048
@@ -85,18 +95,21 @@ class MetricSettings:
     dinov2_weights: str | None = None
     dinov2_pr: bool = False
     save_npz: bool = False
+    classifier_source: ClassifierSource = ClassifierSource("own")
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> MetricSettings:
         ec = cfg.eval
+        ccfg = OmegaConf.to_container(ec.classifier, resolve=True)
+        source = parse_source(ccfg.pop("source", None), OmegaConf.select(cfg, "backbone.name") == "pretrained")
         return cls(OmegaConf.to_container(ec, resolve=True)["features"], float(ec.boundary_delta), int(ec.pr_k),
                    int(ec.dc_k), int(ec.kid_subsets), int(ec.kid_subset_size),
                    None if str(ec.real_samples) == "all" else int(ec.real_samples),
                    str(ec.real_split), ec.inception_weights, ec.inception_batch_size,
-                   OmegaConf.to_container(ec.classifier, resolve=True),
+                   ccfg,
                    OmegaConf.to_container(cfg.dataset, resolve=True), str(cfg.paths.cache), ec.get("reference"),
                    ec.get("dinov2_weights"), bool(ec.get("dinov2_pr", False)),
-                   bool(ec.get("save_npz", False)))
+                   bool(ec.get("save_npz", False)), source)
 
 
 class EvalSuite:
@@ -106,6 +119,13 @@ class EvalSuite:
         opt = MetricSettings.from_config(cfg)
         self.data, self.device, self.console = data, device, console
         self.spaces = resolve_feature_spaces(opt.features, data)
+        self.no_clf = data.is_image and opt.classifier_source.kind == "none"
+        if self.no_clf:
+            self.spaces = [s for s in self.spaces if s != "classifier"]
+            if not self.spaces:
+                raise CfgxError(f"eval.features={opt.features} with eval.classifier.source=none leaves nothing to "
+                                "measure; add eval.features=[inception] (or dinov2), or name a classifier: "
+                                "eval.classifier.source=torchvision:ARCH:PATH")
         if "dinov2" in self.spaces:
             resolve_dinov2_path(opt.dinov2_weights)  # offline without the file: say so before any work
         self.delta, self.pr_k, self.dc_k = opt.boundary_delta, opt.pr_k, opt.dc_k
@@ -125,7 +145,13 @@ class EvalSuite:
         self.real_y = real_y
         self.info: dict[str, Any] = {"real_reference": f"{data.name}:{self.split} ({self.n_real})"}
 
-        if data.is_image:
+        if self.no_clf:
+            self.clf = None
+            self.info.update({"extractor_classifier": "none", "eval_classifier_acc": None, "classifier_note": NOTE})
+        elif data.is_image and opt.classifier_source.kind == "torchvision":
+            self.clf, tv_info = load_torchvision_classifier(opt.classifier_source, data.num_classes, device)
+            self.info.update(tv_info)
+        elif data.is_image:
             self.clf, clf_info = _shared_eval_classifier(data, opt.dataset, opt.classifier, opt.cache, device, console)
             self.info.update({"extractor_classifier": f"eval_classifier:{clf_info['key']}",
                               "eval_classifier_acc": round(clf_info["held_out_accuracy"], 4)})
@@ -133,7 +159,7 @@ class EvalSuite:
             self.clf = None
             self.info.update({"extractor_classifier": "exact_posterior", "eval_classifier_acc": None})
         # Only rank 0 scores, so only it needs the real side (the small classifier's pass is not worth sharding).
-        self.real = self._classifier_features(real_x) if distributed.is_main() else {}
+        self.real = self._real_classifier_side(real_x, opt) if distributed.is_main() else {}
 
         self.ref = load_reference(opt.reference)  # read (and refused if wrong) before any sampling
         self.inception = None
@@ -176,13 +202,26 @@ class EvalSuite:
 
     def covers(self, feats: dict[str, torch.Tensor]) -> bool:
         """Whether stored sample features hold every space this suite scores (sFID's may be absent: old files)."""
-        need = {"clf_feats"} | ({"inc_pool"} if self.inception is not None else set())
+        need = (set() if self.no_clf else {"clf_feats"}) | ({"inc_pool"} if self.inception is not None else set())
         need |= {"dino_cls"} if self.dinov2 is not None else set()
         return need | ({"samples_u8"} if self.save_npz else set()) <= set(feats)
 
     # ------------------------------------------------------------------ features
 
+    def _real_classifier_side(self, real_x: torch.Tensor, opt: MetricSettings) -> dict[str, torch.Tensor]:
+        if not isinstance(self.clf, TorchvisionClassifier):
+            return self._classifier_features(real_x)
+        real = real_features(self.clf, real_x, opt.cache, self.console, dataset=self.data.name, split=self.split,
+                             n_real=self.n_real, subset_seed=0, root=str(opt.dataset.get("root")),
+                             resolution=self.data.resolution, extractor=self.info["extractor_classifier"],
+                             weights=self.info["classifier_weights"])
+        # Its accuracy on the reference images: the ceiling matched-accuracy comparisons are read against.
+        self.info["eval_classifier_acc"] = round(float((real["clf_logits"].argmax(1) == self.real_y).float().mean()), 4)
+        return real
+
     def _classifier_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.no_clf:
+            return {}
         if self.clf is None:
             mixture = self.data.extra["mixture"]
             logits = mixture.class_log_posterior(x.double(), 1.0).float()
@@ -233,6 +272,8 @@ class EvalSuite:
     def features_in(self, space: str, x: torch.Tensor) -> torch.Tensor:
         """Features of one space only ("classifier" or "inception"), e.g. for nearest neighbours."""
         if space == "classifier":
+            if self.no_clf:
+                raise CfgxError(f"the classifier feature space needs an evaluation classifier; {NOTE}")
             return self._classifier_features(x)["clf_feats"]
         if space == "dinov2":
             return self.dinov2(to_uint8(x)).pool
@@ -259,11 +300,14 @@ class EvalSuite:
     def score(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, Any]:
         n = len(labels)
         row: dict[str, Any] = {}
-        row.update(classifier_metrics(feats["clf_feats"], feats["clf_logits"], labels, self.real["clf_feats"],
-                                      self.delta))
-        row["near_boundary_delta"] = self.delta
-        primary = "inc_pool" if "inc_pool" in feats else "clf_feats"
-        row["feature_space"] = "inception" if primary == "inc_pool" else "classifier"
+        if "clf_feats" in feats:
+            row.update(classifier_metrics(feats["clf_feats"], feats["clf_logits"], labels, self.real["clf_feats"],
+                                          self.delta))
+            row["near_boundary_delta"] = self.delta
+        else:  # no classifier: its columns stay, empty (classifier_note says why)
+            row.update(dict.fromkeys(CLASSIFIER_COLUMNS))
+        primary = next(k for k in ("inc_pool", "clf_feats", "dino_cls") if k in feats)
+        row["feature_space"] = {"inc_pool": "inception", "clf_feats": "classifier", "dino_cls": "dinov2"}[primary]
         real_p, fake_p = self.real[primary], feats[primary]
         row["precision"], row["recall"] = improved_precision_recall(real_p, fake_p, k=self.pr_k)
         row["density"], row["coverage"] = density_coverage(real_p, fake_p, k=self.dc_k)
@@ -301,6 +345,8 @@ class EvalSuite:
 
     def _per_class(self, row: dict[str, Any], feats: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         n = len(labels)
+        if "clf_feats" not in feats:
+            return
         # Per-class Fréchet distance needs more samples per class than feature dimensions.
         dim = feats["clf_feats"].shape[1]
         per_class = n // max(self.data.num_classes, 1)

@@ -45,6 +45,8 @@ def by_method(rows: list[dict]) -> dict[str, list[dict]]:
 def fd_key(rows: list[dict]) -> tuple[str, str]:
     if any(r.get("fid") is not None for r in rows):
         return "fid", "FID"
+    if not any(r.get("fd_classifier") is not None for r in rows) and any(r.get("fd_dinov2") is not None for r in rows):
+        return "fd_dinov2", "FD_DINOv2"  # no evaluation classifier and no Inception
     return "fd_classifier", "FD (eval-classifier features)"
 
 
@@ -91,7 +93,9 @@ def _protocol_section(rows: list[dict], match: float) -> str:
         best = min(scored, key=lambda r: r[fk]) if scored else None
         m = matched_point(rs, match)
         scales = ",".join(f"{s:g}" for s in sorted({float(r["s"]) for r in rs}))
-        if m["s"] is None:
+        if m["s"] is None and m["best_accuracy"] is None:  # eval.classifier.source=none: no accuracy to match
+            tail = "n/a (no evaluation classifier) | | | | |"
+        elif m["s"] is None:
             tail = f"not reached (max {_f(m['best_accuracy'])} at s={_f(m['best_s'])}) | | | | |"
         else:
             nfe = next((r.get("nfe") for r in rs if r["s"] == m["s"]), None)

@@ -45,11 +45,11 @@ def columns_of(rows: list[dict]) -> list[str]:
 # metrics.md: what a reader compares. Columns that never vary (sampler, samples, ...) are left
 # out there unless they differ between rows; the CSV/JSON keep all of them.
 MD_COLUMNS = ["run_label", "method", "postprocess", "checkpoint_step", "sampler", "steps", "num_samples", "protocol",
-              "searched", "s",
+              "extractor_classifier", "searched", "s",
               "w_ho", "nfe", "accuracy", "fd_classifier", "fid", "is_mean", "kid_mean", "precision", "recall",
               "density", "coverage", "vendi", "diversity_within_class", "margin", "near_boundary"]
 MD_IF_VARIED = {"run_label", "method", "postprocess", "checkpoint_step", "sampler", "steps", "num_samples",
-                "protocol", "searched"}
+                "protocol", "extractor_classifier", "searched"}
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
@@ -86,7 +86,13 @@ def write_tables(rows: list[dict], out_dir: Path, stem: str = "metrics") -> None
     atomic_write_text(Path(out_dir) / f"{stem}.csv", buf.getvalue())
     atomic_write_json(Path(out_dir) / f"{stem}.json", rows)
     atomic_write_text(Path(out_dir) / f"{stem}.md", markdown_table(rows, reader_columns(rows)) +
-                      f"\nKey columns only; {stem}.csv and {stem}.json hold all {len(cols)} (provenance included).\n")
+                      f"\nKey columns only; {stem}.csv and {stem}.json hold all {len(cols)} (provenance included).\n"
+                      + "".join(f"\nNote: {n}.\n" for n in notes(rows)))
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """Why columns are empty (e.g. no evaluation classifier), once each."""
+    return sorted({str(r["classifier_note"]) for r in rows if r.get("classifier_note")})
 
 
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
@@ -100,7 +106,8 @@ def console_table(rows: list[dict], title: str = ""):
     rows = sort_rows(rows)
     present = [(k, h) for k, h in CONSOLE_COLUMNS if any(r.get(k) is not None for r in rows)]
     extra = [k for k in ("method", "postprocess") if len({r.get(k) for r in rows}) > 1]
-    table = Table(title=title or None, title_justify="left", pad_edge=False, padding=(0, 1))
+    table = Table(title=title or None, title_justify="left", pad_edge=False, padding=(0, 1),
+                  caption="\n".join(notes(rows)) or None, caption_justify="left")
     for k in extra:
         table.add_column(k)
     for _, h in present:

@@ -316,7 +316,9 @@ class Sweeper:
         return row
 
     def _report_scale(self, row: dict[str, Any]) -> None:
-        bits = [f"s={row['s']:g}", f"acc {row['accuracy']:.3f}", f"FD(clf) {row['fd_classifier']:.3g}"]
+        bits = [f"s={row['s']:g}"]
+        if row.get("accuracy") is not None:  # eval.classifier.source=none: no classifier columns
+            bits += [f"acc {row['accuracy']:.3f}", f"FD(clf) {row['fd_classifier']:.3g}"]
         if row.get("fid") is not None:
             bits.append(f"FID {row['fid']:.2f}")
         if row["postprocess"] != "none":

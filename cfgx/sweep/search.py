@@ -62,9 +62,19 @@ def auto_settings(cfg: DictConfig) -> tuple[float, float, float, str] | None:
 
 
 def search_metric(metric: str, spaces: list[str]) -> str:
-    """``auto``: FID where Inception features are computed, else the classifier FD; FID without them fails."""
+    """``auto``: FID where Inception features are computed, else the classifier FD, else FD_DINOv2; a metric
+    whose features this sweep does not compute fails."""
     if metric == "auto":
-        return "fid" if "inception" in spaces else "fd_classifier"
+        auto = next((m for m, space in (("fid", "inception"), ("fd_classifier", "classifier"),
+                                        ("fd_dinov2", "dinov2")) if space in spaces), None)
+        if auto is None:
+            raise CfgxError("guidance=auto needs an FD to minimise, and this sweep computes none; add "
+                            "eval.features=[inception] or name a classifier (eval.classifier.source)")
+        return auto
+    if metric == "fd_classifier" and "classifier" not in spaces:
+        raise CfgxError("guidance.auto_metric=fd_classifier needs an evaluation classifier, and "
+                        "eval.classifier.source=none; use guidance.auto_metric=auto or name one with "
+                        "eval.classifier.source=torchvision:ARCH:PATH")
     if metric in ("fid", "sfid") and "inception" not in spaces:
         raise CfgxError(f"guidance.auto_metric={metric} needs Inception features, which this sweep does not "
                         "compute; use guidance.auto_metric=fd_classifier or eval.features=[classifier,inception]")
@@ -181,5 +191,5 @@ def scales_words(cfg: DictConfig) -> str:
     auto = auto_settings(cfg)
     if auto is None:
         return "at s = " + ", ".join(f"{float(s):g}" for s in cfg.guidance.scales)
-    metric = auto[3] if auto[3] != "auto" else "FD (fid with Inception features, else fd_classifier)"
+    metric = auto[3] if auto[3] != "auto" else "FD (fid with Inception features, else fd_classifier, else fd_dinov2)"
     return f"searching s in [{auto[0]:g}, {auto[1]:g}] for the lowest {metric} (tolerance {auto[2]:g})"
