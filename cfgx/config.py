@@ -202,6 +202,11 @@ def merge_eval_overrides(saved: DictConfig, overrides: list[str], fresh: DictCon
             base = copy.deepcopy(fresh[key])
             OmegaConf.set_struct(base, False)  # the run may hold keys today's block lacks (+guidance.myrule.k)
             merged[key] = OmegaConf.merge(base, merged[key])
+    judge = OmegaConf.select(saved, "eval.classifier.source")
+    if selects(overrides, "eval") and judge not in (None, "auto"):
+        # A preset (eval=fid50k) is a protocol: counts, reference, features. The judge named for this run
+        # (cfgx import ... eval.classifier.source=torchvision:...) is not part of it and stays.
+        OmegaConf.update(merged, "eval.classifier.source", judge, merge=False, force_add=True)
     for o in overrides:
         path = override_key(o)
         if "." in path and path.split(".")[0] in EVAL_KEYS:

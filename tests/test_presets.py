@@ -102,3 +102,15 @@ def test_cfg_job_prints_each_preset(tmp_path):
     assert sorted(printed) == sorted(PRESETS)
     for preset in PRESETS:
         assert want[preset] in printed[preset] and "experiment" not in printed[preset], preset
+
+
+def test_an_eval_preset_keeps_the_runs_named_classifier():
+    """eval=fid50k replaces the eval block (its counts beat a dataset's); the classifier a run was imported with
+    is the run's judge, not part of the protocol, and stays unless the command line names another."""
+    from cfgx.config import merge_eval_overrides
+
+    saved = compose(["dataset=digits", "eval.classifier.source=torchvision:resnet50:/w/r50.pth", "eval.num_samples=7"])
+    merged = merge_eval_overrides(saved, ["eval=fid50k"])
+    assert merged.eval.classifier.source == "torchvision:resnet50:/w/r50.pth" and merged.eval.num_samples == 50000
+    assert merge_eval_overrides(saved, ["eval=fid50k", "eval.classifier.source=none"]).eval.classifier.source == "none"
+    assert merge_eval_overrides(compose(["dataset=digits"]), ["eval=quick"]).eval.classifier.source == "auto"
