@@ -97,7 +97,7 @@ def test_config_hash_tracks_training_not_eval():
 def test_digits_recipe_samples_with_dpmpp2m_and_a_typed_sampler_brings_its_own_steps():
     # The digits default was picked by measurement (README 'Sampler and steps'); a sampler typed on
     # the command line must not inherit the recipe's step count.
-    assert dict(compose([]).sampler) == {"name": "dpmpp2m", "steps": 10, "eta": 0.0}
+    assert dict(compose([]).sampler) == {"name": "dpmpp2m", "steps": 10, "eta": 0.0, "variance": "fixed_small"}
     assert compose(["sampler=ddim"]).sampler.steps == 50
     assert compose(["sampler=ddim", "sampler.steps=25"]).sampler.steps == 25
     assert compose(["dataset=mnist"]).sampler.name == "ddim"
