@@ -160,6 +160,10 @@ class ExternalDenoiser(nn.Module):
         self.num_classes = int(conv.num_classes)
         self.map = ProcessMap(conv)
         self._lam = _sched_logsnr(schedule)
+        theirs = NoiseSchedule(**conv.schedule).alpha_bars if conv.time == "ddpm" else None
+        # Whether cfgx's timesteps are the model's own DDPM steps (the same betas): cfgx import arranges it.
+        self.own_grid = bool(theirs is not None and conv.time_scale == 1 and theirs.shape == schedule.alpha_bars.shape
+                             and torch.allclose(theirs, schedule.alpha_bars, rtol=0, atol=1e-12))
         self._variance: torch.Tensor | None = None  # learned-variance channels of the last call (learned_variance)
 
     def row_fields(self) -> dict[str, Any]:
@@ -227,16 +231,21 @@ class ExternalDenoiser(nn.Module):
         return out, None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lam = self._lam.to(x.device)[t.long().reshape(-1)]
-        time, a, s, da, ds = self.map(lam)
-        sigma = torch.sigmoid(-2 * lam).sqrt()
-        view = (-1, *([1] * (x.dim() - 1)))
         # VP time (ddpm, vp) is cfgx's own process: x' = x, and an eps prediction needs no conversion.
         same = self.conv.time in ("ddpm", "vp")
-        c = (s / sigma).view(view)  # x' = c x: the model's process at cfgx's log-SNR
-        xp = x if same else (x.double() * c).to(x.dtype)  # the network sees its usual dtype ...
-        if self.conv.time == "ddpm" and self.conv.time_scale == 1 and bool((time == time.round()).all()):
-            time = time.long()  # on the model's own grid: the integer step it was trained on
+        if self.own_grid and self.conv.prediction == "eps":
+            # What cfgx import sets up for a DDPM model: cfgx's step is the model's, nothing to map (and, on a
+            # GPU, no per-step table copy or host sync for the time lookup).
+            xp, time = x, t.long().reshape(-1)
+        else:
+            lam = self._lam.to(x.device)[t.long().reshape(-1)]
+            time, a, s, da, ds = self.map(lam)
+            sigma = torch.sigmoid(-2 * lam).sqrt()
+            view = (-1, *([1] * (x.dim() - 1)))
+            c = (s / sigma).view(view)  # x' = c x: the model's process at cfgx's log-SNR
+            xp = x if same else (x.double() * c).to(x.dtype)  # the network sees its usual dtype ...
+            if self.conv.time == "ddpm" and self.conv.time_scale == 1 and bool((time == time.round()).all()):
+                time = time.long()  # on the model's own grid: the integer step it was trained on
         null = y == self.num_classes
         if self.conv.null_index is not None or not null.any():
             yy = torch.where(null, torch.full_like(y, int(self.conv.null_index or 0)), y)
@@ -276,10 +285,8 @@ def learned_variance_source(model: Any, schedule: NoiseSchedule) -> Callable[[],
     if not c.learned_sigma:
         raise CfgxError(f"sampler.variance=learned: {model.name} has no learned-variance output channels (its "
                         f"output has as many channels as its input); {fix}")
-    theirs = NoiseSchedule(**c.schedule).alpha_bars if c.time == "ddpm" else None
-    own = (theirs is not None and c.time_scale == 1 and theirs.shape == schedule.alpha_bars.shape
-           and torch.allclose(theirs, schedule.alpha_bars, rtol=0, atol=1e-12))
-    if not own:
+    sampled_on = model.schedule is schedule or torch.equal(model.schedule.alpha_bars, schedule.alpha_bars)
+    if not (model.own_grid and sampled_on):
         raise CfgxError(f"sampler.variance=learned: {model.name} is not called on this run's DDPM timesteps ("
                         f"{c.describe()}), so its variance is not of the sampler's chain; {fix}")
     return model.learned_variance
