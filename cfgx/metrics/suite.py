@@ -128,6 +128,11 @@ class EvalSuite:
                                 "eval.classifier.source=torchvision:ARCH:PATH")
         if "dinov2" in self.spaces:
             resolve_dinov2_path(opt.dinov2_weights)  # offline without the file: say so before any work
+        # Read (and refused if wrong) before any work: the evaluation classifier trains for minutes.
+        self.ref = load_reference(opt.reference)
+        if self.ref is not None and "inception" not in self.spaces and {"fid", "sfid"} & set(self.ref.stats):
+            raise CfgxError(f"eval.reference={self.ref.kind}:{self.ref.path} holds Inception statistics, but "
+                            "Inception is off: add eval.features=[classifier,inception]")
         self.delta, self.pr_k, self.dc_k = opt.boundary_delta, opt.pr_k, opt.dc_k
         self.kid_subsets, self.kid_subset_size = opt.kid_subsets, opt.kid_subset_size
         n_real = opt.real_samples
@@ -161,7 +166,6 @@ class EvalSuite:
         # Only rank 0 scores, so only it needs the real side (the small classifier's pass is not worth sharding).
         self.real = self._real_classifier_side(real_x, opt) if distributed.is_main() else {}
 
-        self.ref = load_reference(opt.reference)  # read (and refused if wrong) before any sampling
         self.inception = None
         if "inception" in self.spaces:
             self._prepare_inception(opt, real_x)
@@ -180,9 +184,6 @@ class EvalSuite:
 
     def _use_reference(self) -> None:
         """Stored statistics for the Fréchet distances; the file's images (if any) for PR/KID."""
-        if "inception" not in self.spaces and {"fid", "sfid"} & set(self.ref.stats):
-            raise CfgxError(f"eval.reference={self.ref.kind}:{self.ref.path} holds Inception statistics, but "
-                            "Inception is off: add eval.features=[classifier,inception]")
         self.info["reference"] = self.ref.describe()
         if self.ref.images is not None and self.inception is not None and distributed.is_main():
             f = self.inception(self.ref.images)
