@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import REPO, random_fidelity_inception
 
 from cfgx.cli import main
@@ -22,8 +23,7 @@ pytest.importorskip("diffusers")
 from test_pretrained_dit import save_tiny_pipeline  # noqa: E402
 
 SWEEP = ["guidance.method=[cfg,interval,apg]", "guidance=1,1.5,4", "eval.num_samples=20", "eval.batch_size=10",
-         "sampler.steps=4", "eval.classifier.steps=60", "eval.classifier.width=8", "eval.features=classifier",
-         "eval.classifier.source=own"]  # an imported run has none unless named: train cfgx's on this small folder
+         "sampler.steps=4", "eval.features=classifier"]  # the classifier: the torchvision one named at import
 TIMING = {"seconds", "samples_per_s", "device"}
 
 
@@ -50,7 +50,12 @@ def test_import_then_sweep_every_rule_and_torchrun_matches(workdir, cache_dir, c
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     save_tiny_pipeline(workdir / "dit")
     ref = _reference_folder(workdir / "ref")
-    assert main(["import", "model=dit", f"dataset.root={ref}"]) == 0
+    # A torchvision classifier named at import (random weights, 10 classes): the ImageNet-judge path, also under
+    # torchrun, where every rank loads it and rank 0 alone computes the reference features.
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=10).eval().state_dict(), workdir / "mnv3.pth")
+    assert main(["import", "model=dit", f"dataset.root={ref}",
+                 f"eval.classifier.source=torchvision:mobilenet_v3_small:{workdir / 'mnv3.pth'}"]) == 0
     (run,) = [p.parent for p in (workdir / "runs").glob("imagefolder/*/meta.json")]
     meta = json.loads((run / "meta.json").read_text())
     assert meta["train_finished"] and meta["imported"]["conventions"]["null_index"] == 10
@@ -65,6 +70,7 @@ def test_import_then_sweep_every_rule_and_torchrun_matches(workdir, cache_dir, c
         assert r["sampler"] == "ddim-leading" and r["model"] == str(workdir / "dit")
         assert r["model_prediction"] == "eps" and r["guidance_space"].startswith("cfgx VP eps")
         assert r["accuracy"] is not None and r["fd_classifier"] is not None
+        assert r["extractor_classifier"].startswith("torchvision:mobilenet_v3_small:")
     for name in ("metrics.md", "metrics.csv", "samples.png", "samples_apg.png", "samples_interval.png",
                  "plot_tradeoff.png"):
         assert (run / name).is_file(), name
