@@ -83,8 +83,11 @@ def _protocol_section(rows: list[dict], match: float) -> str:
     fk, fl = fd_key(rows)
     groups = by_method(rows)
     ref = next((r.get("eval_classifier_acc") for r in rows if r.get("eval_classifier_acc")), None)
+    # cfgx's own classifier is scored on held-out images; a named (torchvision) one on the reference set itself.
+    named = any(str(r.get("extractor_classifier", "")).startswith("torchvision:") for r in rows)
+    on = "the reference images" if named else "real held-out images"
     lines = [f"Matched accuracy: the first swept s whose sample accuracy reaches {match:g} x the evaluation "
-             f"classifier's accuracy on real held-out images ({_f(ref, 4)}), i.e. >= {_f(match * (ref or 1), 4)}. "
+             f"classifier's accuracy on {on} ({_f(ref, 4)}), i.e. >= {_f(match * (ref or 1), 4)}. "
              f"Best {fl.split(' (')[0]}: lowest over the swept s. Same paired seeds for every rule.\n",
              f"| method | scales | best {fk} | at s | matched s | accuracy | recall | coverage | nfe at matched s |",
              "|---|---|---|---|---|---|---|---|---|"]
