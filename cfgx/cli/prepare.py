@@ -24,7 +24,7 @@ from cfgx.errors import CfgxError
 from cfgx.metrics.dinov2 import DINOV2_FILENAME, DINOV2_URL
 from cfgx.metrics.inception import INCEPTION_WEIGHTS_FILENAME, INCEPTION_WEIGHTS_URL
 from cfgx.pretrained.hub import fetch_pretrained
-from cfgx.store.export import sha256_of
+from cfgx.store.digest import sha256_of
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ uint8 images ``[N, 3, H, W]`` and returns ``pool`` ``[N, D]`` or a tuple
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterable
@@ -32,6 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cfgx.errors import CfgxError
 from cfgx.metrics.sfid import SpatialTap
+from cfgx.store.digest import sha256_of_file
 from cfgx.store.safeload import UnsafeFileError, safe_load
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -118,10 +118,7 @@ def _sha256_of_open(f: BinaryIO, path: str | os.PathLike[str]) -> str:
     st = os.fstat(f.fileno())
     key = (str(Path(path).expanduser().resolve()), st.st_mtime_ns, st.st_size)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()[:12]
+        _SHA_CACHE[key] = sha256_of_file(f)[:12]
     return _SHA_CACHE[key]
 
 

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from cfgx.errors import CfgxError
 from cfgx.metrics.eval_classifier import classify
 from cfgx.metrics.feature_cache import FeatureCache
 from cfgx.pretrained.weights import read_state_dict
+from cfgx.store.digest import sha256_of
 from cfgx.store.locks import locked
 
 EXAMPLE = "eval.classifier.source=torchvision:resnet50:/path/to/resnet50-11ad3fa6.pth"
@@ -58,14 +58,6 @@ def parse_source(value: Any, pretrained: bool = False) -> ClassifierSource:
         raise CfgxError(f"eval.classifier.source={v!r}; valid: auto, own, none, torchvision:ARCH:PATH "
                         f"(e.g. {EXAMPLE})")
     return ClassifierSource("torchvision", arch, str(Path(path).expanduser()))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _published_weights(arch: str, digest: str) -> Any:
@@ -143,7 +135,7 @@ def load_torchvision_classifier(src: ClassifierSource, num_classes: int,
     if not path.is_file():
         raise CfgxError(f"eval.classifier.source: weights file {path} not found; download it with cfgx prepare "
                         "resnet50 (or from torchvision's model page) and give its path")
-    digest = _sha256(path)
+    digest = sha256_of(path)
     net, head = _build(arch, read_state_dict(path))
     classes = net.get_submodule(head).out_features
     if classes != num_classes:

@@ -18,6 +18,7 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.pretrained.adapter import ExternalDenoiser
 from cfgx.pretrained.entry import PREFIX, Pretrained, load_entry
+from cfgx.store.digest import sha256_of
 from cfgx.store.reader import read_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
@@ -61,14 +62,7 @@ def weights_sha256(source: str) -> dict[str, str]:
     files = ([root] if root.is_file()
              else sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES))
     root = root.parent if root.is_file() else root
-    out = {}
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        out[str(f.relative_to(root))] = h.hexdigest()
-    return out
+    return {str(f.relative_to(root)): sha256_of(f) for f in files}
 
 
 def verify_weights(run_dir: Path, bcfg: Any) -> str | None:

@@ -27,6 +27,7 @@ from cfgx.diffusion.schedule import NoiseSchedule
 from cfgx.errors import CfgxError
 from cfgx.store.atomic import atomic_write_bytes, atomic_write_json
 from cfgx.store.checkpoints import load_ema_model
+from cfgx.store.digest import sha256_of
 from cfgx.store.reader import try_json
 
 FORMAT = "cfgx-export/1"
@@ -45,14 +46,6 @@ def safetensors_torch():
         raise CfgxError(f"cfgx export needs the safetensors package, which is not installed; install it with "
                         f"{INSTALL}") from None
     return st
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_info(folder: Path) -> dict[str, Any] | None:
