@@ -32,24 +32,20 @@ class SampleBatch:
     nfe: int                 # network evaluations per sample
 
 
-def run_sampler(cfg: DictConfig, schedule: NoiseSchedule, model: torch.nn.Module,
-                data: DatasetBundle) -> tuple[Sampler, str]:
-    """The sampler a run's ``sampler`` config names for ``model``, and its tag for rows and keys.
+def run_sampler(cfg: DictConfig, schedule: NoiseSchedule, model: torch.nn.Module, data: DatasetBundle) -> Sampler:
+    """The sampler a run's ``sampler`` config names for ``model`` (its ``tag`` names it in rows and keys).
 
     One place for the sweep and ``cfgx postprocess``, so the postprocessor's pairs are drawn as the sweep
     draws: an imported latent model turns x0 clipping off (``model.clip_x0``); ``sampler.variance=learned``
     reads the model's own variance output through a hook bound to the model (the guided eps_fn returns eps
     only), and a model without one is refused here, before any sampling.
     """
-    spacing = str(OmegaConf.select(cfg, "sampler.spacing", default="linspace"))
     variance = str(OmegaConf.select(cfg, "sampler.variance", default="fixed_small"))
     source = learned_variance_source(model, schedule) if variance == "learned" else None
-    sampler = build_sampler(cfg.sampler.name, schedule, int(cfg.sampler.steps), float(cfg.sampler.eta),
-                            clip_x0=getattr(model, "clip_x0", data.clip), spacing=spacing, variance=variance,
-                            variance_source=source)
-    tag = (sampler.name + ("" if spacing == "linspace" else f"-{spacing}")
-           + ("" if variance == "fixed_small" else f"-{variance}"))
-    return sampler, tag
+    return build_sampler(cfg.sampler.name, schedule, int(cfg.sampler.steps), float(cfg.sampler.eta),
+                         clip_x0=getattr(model, "clip_x0", data.clip),
+                         spacing=str(OmegaConf.select(cfg, "sampler.spacing", default="linspace")),
+                         variance=variance, variance_source=source)
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:

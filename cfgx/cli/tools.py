@@ -77,8 +77,7 @@ def cmd_postprocess(args: list[str]) -> int:
         raise CfgxError("postprocess=none trains nothing; use postprocess=flow (the default of this command)")
     console = make_console()
     model, step = load_ema_model(run_dir, cfg, data, schedule, device)
-    sampler, tag = run_sampler(cfg, schedule, model, data)  # the sweep's: pairs drawn as its rows are
-    sampler.tag = tag
+    sampler = run_sampler(cfg, schedule, model, data)  # the sweep's: pairs drawn as its rows are
     post = OmegaConf.to_container(cfg.postprocess, resolve=True)
     feature_fn = None
     if post.get("nn_space") in ("classifier", "inception"):

@@ -71,6 +71,7 @@ class Sampler:
     """Shared respacing and x0 clipping; subclasses define one update step."""
 
     name = "base"
+    variance = "fixed_small"  # what the ancestral step adds (DDPMSampler's choice; the others have none)
 
     def __init__(self, schedule: NoiseSchedule, steps: int, clip_x0: float | None = 1.0,
                  eta: float = 0.0, spacing: str = "linspace") -> None:
@@ -78,7 +79,15 @@ class Sampler:
         self.steps = steps
         self.clip_x0 = clip_x0
         self.eta = eta
+        self.spacing = spacing
         self.timesteps = respaced_timesteps(schedule.num_steps, steps, spacing)
+
+    @property
+    def tag(self) -> str:
+        """The sampler as rows and row keys name it: ``ddpm``, ``ddim-leading``, ``ddpm-learned``, ...
+        (defaults unnamed, so rows written before an option existed keep their keys)."""
+        return (self.name + ("" if self.spacing == "linspace" else f"-{self.spacing}")
+                + ("" if self.variance == "fixed_small" else f"-{self.variance}"))
 
     def _abar(self, t: int) -> float:
         return float(self.schedule.alpha_bars[t]) if t >= 0 else 1.0

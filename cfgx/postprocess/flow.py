@@ -335,7 +335,7 @@ def _train_postprocessor(cfg_post: FlowSettings | Mapping[str, Any], run_dir: Pa
     pdir.mkdir(parents=True, exist_ok=True)
     scales = st.train_scales
     pair_settings = st.record(PAIR_KEYS)
-    pair_settings.update(sampler=getattr(sampler, "tag", getattr(sampler, "name", "?")),
+    pair_settings.update(sampler=getattr(sampler, "tag", "?"),
                          sampler_steps=len(sampler.timesteps), eta=float(getattr(sampler, "eta", 0.0)))
     info_path = pdir / "info.json"
     old = read_json(info_path, f"delete {pdir} to retrain the postprocessor",

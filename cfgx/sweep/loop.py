@@ -88,7 +88,7 @@ class Sweeper:
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         # An imported model (cfgx/pretrained) may sample latents: its own shape, x0 clipping off, decoded later.
         self.shape = getattr(model, "sample_shape", None) or data.shape
-        self.sampler, self.sampler_tag = run_sampler(cfg, self.schedule, model, data)  # tag: rows and keys
+        self.sampler = run_sampler(cfg, self.schedule, model, data)
         self.labels = balanced_labels(self.opt.num_samples, data.num_classes)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         # Every rule's extra model (guidance classifier, autoguidance guide) is loaded before sampling
@@ -150,7 +150,7 @@ class Sweeper:
         return out_rows
 
     def _key(self, p: Prepared, variant: str, s: float, metrics: str = "") -> RowKey:
-        return RowKey(p.tag, self.post_tag if variant != "none" else "none", self.sampler_tag,
+        return RowKey(p.tag, self.post_tag if variant != "none" else "none", self.sampler.tag,
                       len(self.sampler.timesteps), self.sampler.eta, self.opt.num_samples, self.opt.batch_size,
                       self.opt.seed, self.opt.seed_blocks, self.ckpt_step, s, metrics)
 
@@ -303,7 +303,7 @@ class Sweeper:
         if postprocess != "none" and self.post is not None:
             row.update(self.post.row_fields())
         row.update({
-            "sampler": self.sampler_tag, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
+            "sampler": self.sampler.tag, "steps": len(self.sampler.timesteps), "eta": self.sampler.eta,
             "nfe": nfe, "postprocess_nfe": post_nfe, "postprocess_seconds": post_s,
             "num_samples": n, "seed_blocks": blocks, "seed": self.opt.seed, "batch_size": self.opt.batch_size,
             "seconds": round(seconds * blocks, 3),
