@@ -165,6 +165,7 @@ class ExternalDenoiser(nn.Module):
         self.own_grid = bool(theirs is not None and conv.time_scale == 1 and theirs.shape == schedule.alpha_bars.shape
                              and torch.allclose(theirs, schedule.alpha_bars, rtol=0, atol=1e-12))
         self._variance: torch.Tensor | None = None  # learned-variance channels of the last call (learned_variance)
+        self.keep_variance = False  # set when a sampler reads them (learned_variance_source): otherwise not kept
 
     def row_fields(self) -> dict[str, Any]:
         """Columns naming the model's conventions; rules not linear in the prediction (rescale, APG,
@@ -259,8 +260,10 @@ class ExternalDenoiser(nn.Module):
                     out[rows] = o.double()
                     if var is not None:
                         var[rows] = v.float()
-        pair = self._pair_half(x, y) if self.guide_channels is not None or var is not None else None
-        if var is not None:
+        keep = var is not None and self.keep_variance
+        # Finding the pair compares the halves (a host sync on a GPU): only when something needs it.
+        pair = self._pair_half(x, y) if self.guide_channels is not None or keep else None
+        if keep:
             self._variance = (var if pair is None else var[:pair]).float()
         if same and self.conv.prediction == "eps":
             return self._keep_tail_conditional(out.float(), pair)
@@ -289,6 +292,7 @@ def learned_variance_source(model: Any, schedule: NoiseSchedule) -> Callable[[],
     if not (model.own_grid and sampled_on):
         raise CfgxError(f"sampler.variance=learned: {model.name} is not called on this run's DDPM timesteps ("
                         f"{c.describe()}), so its variance is not of the sampler's chain; {fix}")
+    model.keep_variance = True  # from now on each call keeps its rows' variance for the sampler to read
     return model.learned_variance
 
 
