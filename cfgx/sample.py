@@ -48,6 +48,21 @@ def run_sampler(cfg: DictConfig, schedule: NoiseSchedule, model: torch.nn.Module
                          variance=variance, variance_source=source)
 
 
+def sample_shape(model: torch.nn.Module, data: DatasetBundle) -> tuple[int, ...]:
+    """What the sampler draws: an imported latent model's own shape (``model.sample_shape``), else the data's."""
+    return tuple(getattr(model, "sample_shape", None) or data.shape)
+
+
+def decoded(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Samples as images (an imported latent model's ``codec`` decodes them) and the seconds that took,
+    which rows count in their sampling time."""
+    if getattr(model, "codec", None) is None:
+        return x, 0.0
+    t0 = time.perf_counter()
+    x = model.decode(x)
+    return x, time.perf_counter() - t0
+
+
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 

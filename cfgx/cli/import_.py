@@ -107,8 +107,7 @@ def cmd_import(args: list[str]) -> int:
     meta = {"config_hash": config_hash(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seed": int(cfg.seed), "eval_seed": int(cfg.eval.seed), "dataset": data.name, "train_finished": True,
             "imported": {"source": src, **opts, "loader": loader,
-                         "weights_sha256": {**weights_sha256(src),
-                                            **(weights_sha256(opts["vae"]) if opts["vae"] else {})},
+                         "weights_sha256": weights_sha256(src, opts["vae"]),
                          "conventions": dataclasses.asdict(pre.conventions),
                          "latent": pre.codec is not None, "sample_shape": list(pre.shape or [])},
             **provenance(torch.device("cpu"))}

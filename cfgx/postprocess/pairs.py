@@ -22,7 +22,7 @@ from cfgx.data import to_uint8
 from cfgx.data.base import DatasetBundle
 from cfgx.errors import CfgxError
 from cfgx.postprocess.settings import FlowSettings
-from cfgx.sample import balanced_labels, generate
+from cfgx.sample import balanced_labels, decoded, generate, sample_shape
 from cfgx.store.cached import load_or_make
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -130,15 +130,13 @@ def load_or_make_pairs(pdir: Path, st: FlowSettings, data: DatasetBundle, model:
         labels = balanced_labels(st.samples_per_scale, data.num_classes)
         xs, ys, ss = [], [], []
         gen_seconds = 0.0
+        shape = sample_shape(model, data)  # an imported latent model: its own shape, decoded as in the sweep
         for i, s in enumerate(st.train_scales):
             # A seed per scale so the mixed set is not the same noise guided differently; and not the
             # sweep's eval.seed, so the postprocessor is never scored on its own training inputs.
-            # An imported latent model samples its own shape and is decoded, as in the sweep.
-            shape = getattr(model, "sample_shape", None) or data.shape
             batch = generate(model, sampler, shape, labels, s, st.pair_seed + 7919 * i, st.pair_batch_size, device)
-            t_dec = time.perf_counter()
-            x = model.decode(batch.x) if hasattr(model, "decode") else batch.x
-            gen_seconds += batch.seconds + time.perf_counter() - t_dec
+            x, t_dec = decoded(model, batch.x)
+            gen_seconds += batch.seconds + t_dec
             xs.append(quantize(x, data))
             ys.append(batch.y)
             ss.append(torch.full((len(batch.y),), s))

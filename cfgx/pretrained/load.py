@@ -54,8 +54,11 @@ def _is_unet2d(folder: Path) -> bool:
         return False
 
 
-def weights_sha256(source: str) -> dict[str, str]:
-    """sha256 of every weights file of a model folder or file (relative path -> hex); {} for py: sources."""
+def weights_sha256(source: str, vae: str | None = None) -> dict[str, str]:
+    """sha256 of every weights file of a model folder or file, and of its decoder folder ``vae`` (relative path
+    -> hex); {} for py: sources."""
+    if vae:
+        return {**weights_sha256(source), **weights_sha256(str(vae))}
     if source.startswith(PREFIX):
         return {}
     root = Path(source).expanduser()
@@ -81,7 +84,7 @@ def verify_weights(run_dir: Path, bcfg: Any) -> str | None:
                         "re-import the model with cfgx import (a new run dir)")
     source, vae = str(bcfg.source), bcfg.get("vae")
     try:
-        now = {**weights_sha256(source), **(weights_sha256(str(vae)) if vae else {})}
+        now = weights_sha256(source, vae)
     except OSError as e:
         raise CfgxError(f"cannot read the imported weights ({e.strerror}: {e.filename}); restore them or "
                         "re-import the model with cfgx import") from None

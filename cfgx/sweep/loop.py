@@ -33,7 +33,7 @@ from cfgx.report.best_scale import best_scale_console
 from cfgx.report.grids import save_grid, save_side_by_side
 from cfgx.report.plots import plot_run
 from cfgx.report.tables import console_table, write_tables
-from cfgx.sample import balanced_labels, generate, run_sampler
+from cfgx.sample import balanced_labels, decoded, generate, run_sampler, sample_shape
 from cfgx.store.atomic import atomic_torch_save
 from cfgx.store.locks import acquire, locked, release_all
 from cfgx.store.reader import features_blob
@@ -87,7 +87,7 @@ class Sweeper:
         self.opt = SweepSettings.from_config(cfg)
         self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         # An imported model (cfgx/pretrained) may sample latents: its own shape, x0 clipping off, decoded later.
-        self.shape = getattr(model, "sample_shape", None) or data.shape
+        self.shape = sample_shape(model, data)
         self.sampler = run_sampler(cfg, self.schedule, model, data)
         self.labels = balanced_labels(self.opt.num_samples, data.num_classes)
         self.use_bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
@@ -254,7 +254,7 @@ class Sweeper:
                 batch = generate(self.model, self.sampler, self.shape, labels, s,
                                  self.opt.seed + b * SEED_BLOCK_STRIDE, bs, self.device, rule=p.rule,
                                  classifier=p.classifier, autocast_bf16=self.use_bf16, guide=p.guide, first_batch=k)
-                x, t_dec = self._decoded(batch.x)
+                x, t_dec = decoded(self.model, batch.x)
                 x_cache[k] = (x, batch.seconds + t_dec, batch.nfe)
             x, t, nfe = x_cache[k]
             secs += t
@@ -274,14 +274,6 @@ class Sweeper:
             tinfo = {"seconds": secs + post_secs, "nfe": nfe + post_nfe, "post_seconds": post_secs,
                      "post_nfe": post_nfe}
         return {"features": feats, "timing": tinfo, "grid_x": x_grid}
-
-    def _decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Latent samples of an imported model as images, and the seconds decoding took (counted in the row's)."""
-        if getattr(self.model, "codec", None) is None:
-            return x, 0.0
-        t0 = time.perf_counter()
-        x = self.model.decode(x)
-        return x, time.perf_counter() - t0
 
     def _grid_labels(self) -> torch.Tensor:
         return self.labels[: self.opt.grid_per_class * self.data.num_classes]
