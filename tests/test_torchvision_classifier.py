@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from cfgx.config import compose, validate
 from cfgx.data import build_dataset, stack_dataset, to_uint8
 from cfgx.errors import CfgxError
 from cfgx.metrics.torchvision_classifier import load_torchvision_classifier, parse_source
+from cfgx.pretrained import weights
+from cfgx.store import digest as digest_module
 from cfgx.store.rundir import load_run_config
 from cfgx.sweep.rows import load_rows
 
@@ -79,6 +82,30 @@ def test_pt_and_safetensors_equal_torchvision_by_hand(tmp_path) -> None:
     gray = torch.rand(2, 1, 16, 16) * 2 - 1  # one channel: repeated to RGB
     torch.testing.assert_close(clf.features(gray).double(), _by_hand(net, to_uint8(gray).expand(-1, 3, -1, -1))[0],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_file_replaced_after_hashing_loads_the_hashed_weights(tmp_path, monkeypatch, suffix: str) -> None:
+    """The weights file is replaced right after cfgx hashes it: the classifier is still the hashed file's, so
+    the digest in the rows names the weights that were used (a second open by name would load the new file)."""
+    first, other = _resnet18(), torchvision.models.resnet18(num_classes=3).eval()
+    path = _save(first, tmp_path / f"r18{suffix}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    real = digest_module.sha256_of_file
+
+    def hash_then_replace(f):
+        out = real(f)
+        os.replace(_save(other, tmp_path / f"new{suffix}"), path)
+        return out
+
+    monkeypatch.setattr(digest_module, "sha256_of_file", hash_then_replace)  # whichever reader hashes it
+    monkeypatch.setattr(weights, "sha256_of_file", hash_then_replace)
+    clf, info = load_torchvision_classifier(parse_source(f"torchvision:resnet18:{path}"), 3, torch.device("cpu"))
+    monkeypatch.undo()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != digest  # the swap happened
+    assert info["classifier_weights"] == digest
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(clf.features(x).double(), _by_hand(first, to_uint8(x))[0], rtol=1e-5, atol=1e-5)
 
 
 def _import(workdir: Path, *extra: str) -> Path:

@@ -27,8 +27,7 @@ from cfgx.data import to_uint8
 from cfgx.errors import CfgxError
 from cfgx.metrics.eval_classifier import classify
 from cfgx.metrics.feature_cache import FeatureCache
-from cfgx.pretrained.weights import read_state_dict
-from cfgx.store.digest import sha256_of
+from cfgx.pretrained.weights import read_hashed_state_dict
 from cfgx.store.locks import locked
 
 EXAMPLE = "eval.classifier.source=torchvision:resnet50:/path/to/resnet50-11ad3fa6.pth"
@@ -135,8 +134,8 @@ def load_torchvision_classifier(src: ClassifierSource, num_classes: int,
     if not path.is_file():
         raise CfgxError(f"eval.classifier.source: weights file {path} not found; download it with cfgx prepare "
                         "resnet50 (or from torchvision's model page) and give its path")
-    digest = sha256_of(path)
-    net, head = _build(arch, read_state_dict(path))
+    sd, digest = read_hashed_state_dict(path)  # one open file: the digest in the rows is of the weights used
+    net, head = _build(arch, sd)
     classes = net.get_submodule(head).out_features
     if classes != num_classes:
         raise CfgxError(f"the {arch} classifier at {path} has {classes} classes but the reference set has "

@@ -14,11 +14,12 @@ import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from cfgx.errors import CfgxError
+from cfgx.store.digest import sha256_of_file
 from cfgx.store.safeload import UnsafeFileError, safe_load
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -35,23 +36,24 @@ def _refusal(path: Path) -> CfgxError:
         "cfgx that file")
 
 
-def _plain_pickle_needs_code(path: Path) -> bool:
+def _plain_pickle_needs_code(f: BinaryIO) -> bool:
     """A non-zip pickle naming any global outside torch/collections: read opcode by opcode, nothing executed."""
-    if zipfile.is_zipfile(path):
+    f.seek(0)
+    if zipfile.is_zipfile(f):
         return False  # torch's zip format: the weights-only unpickler judges it
+    f.seek(0)
     strings: list[str] = []  # protocol 4 names a global by the two strings pushed before STACK_GLOBAL
     try:
-        with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                if "UNICODE" in op.name:
-                    strings = [*strings[-1:], str(arg)]
-                module = None
-                if op.name in ("GLOBAL", "INST"):
-                    module = str(arg).split(" ")[0]
-                elif op.name == "STACK_GLOBAL":
-                    module = strings[0] if len(strings) == 2 else ""
-                if module is not None and not module.startswith(("torch", "collections")):
-                    return True
+        for op, arg, _ in pickletools.genops(f):
+            if "UNICODE" in op.name:
+                strings = [*strings[-1:], str(arg)]
+            module = None
+            if op.name in ("GLOBAL", "INST"):
+                module = str(arg).split(" ")[0]
+            elif op.name == "STACK_GLOBAL":
+                module = strings[0] if len(strings) == 2 else ""
+            if module is not None and not module.startswith(("torch", "collections")):
+                return True
     except (ValueError, pickle.UnpicklingError, EOFError):
         return False  # not a pickle at all: safe_load says so
     return False
@@ -59,28 +61,56 @@ def _plain_pickle_needs_code(path: Path) -> bool:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A ``{name: tensor}`` state dict from safetensors or a weights-only torch file; ``ema``/``model`` unwrapped."""
-    path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES or (path.suffix in STATE_DICT_SUFFIXES[1:] and path.is_file()
-                                           and _plain_pickle_needs_code(path)):
+    return _read_state_dict(Path(path), hash_it=False)[0]
+
+
+def read_hashed_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """``read_state_dict`` and the file's sha256, both from one open file.
+
+    Hashing by name and then loading by name would let a file replaced in between be loaded under the
+    old file's digest (rows would name weights that were not the ones used); one open file cannot change.
+    """
+    sd, digest = _read_state_dict(Path(path), hash_it=True)
+    assert digest is not None
+    return sd, digest
+
+
+def _read_state_dict(path: Path, hash_it: bool) -> tuple[dict[str, torch.Tensor], str | None]:
+    if path.suffix in PICKLE_SUFFIXES:
         raise _refusal(path)
     if path.suffix not in STATE_DICT_SUFFIXES:
         raise CfgxError(f"{path}: cfgx reads weights from {', '.join(STATE_DICT_SUFFIXES)} state dicts only")
-    if path.suffix == ".safetensors":
-        # why: safetensors is in the [pretrained]/[export] extras; only this branch needs it
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        sd = safe_load(path, fix="re-download it")
-    except UnsafeFileError:
-        raise _refusal(path) from None
+        f = open(path, "rb")
+    except OSError as e:
+        raise CfgxError(f"cannot read {path} ({e.strerror or type(e).__name__}); check the path") from None
+    with f:
+        digest = sha256_of_file(f) if hash_it else None
+        if path.suffix == ".safetensors":
+            # why: safetensors is in the [pretrained]/[export] extras; only this branch needs it
+            from safetensors.torch import load, load_file
+
+            f.seek(0)
+            try:
+                # Hashed: parse the very bytes hashed. Otherwise load_file maps the file (no second copy in memory).
+                return (load(f.read()) if hash_it else load_file(str(path))), digest
+            except Exception as e:  # the format's own errors: a header that is not JSON, data cut short
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CfgxError(f"{path} is not a readable safetensors file ({why}); re-download it") from None
+        if _plain_pickle_needs_code(f):
+            raise _refusal(path)
+        f.seek(0)
+        try:
+            sd = safe_load(path, fix="re-download it", file=f)
+        except UnsafeFileError:
+            raise _refusal(path) from None
     for key in ("ema", "model", "state_dict"):  # training checkpoints: the (EMA) network's weights
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CfgxError(f"{path} is not a state dict ({{name: tensor}}); save net.state_dict() instead")
-    return sd
+    return sd, digest
 
 
 def is_official_dit(sd: dict[str, torch.Tensor]) -> bool:
