@@ -153,7 +153,7 @@ def arena(tiny_run, tmp_path_factory) -> dict[str, Path]:
 def damage_run_files(tiny_run: Path, under: Path, paths: dict[str, Path]) -> None:
     """Copies of the run with one file damaged each, as a careless or hostile sender would (issue 18)."""
     deep = "[" * 200_000 + "]" * 200_000  # valid JSON that exhausts the parser's recursion
-    for name in ("deepmeta", "badch", "badema", "badstep", "badsnap", "badinfo", "infotype", "deeprow",
+    for name in ("deepmeta", "badch", "badema", "badstep", "badsnap", "badinfo", "infotype", "travinfo", "deeprow",
                  "notrow"):
         paths[name] = under / name
         shutil.copytree(tiny_run, paths[name])
@@ -169,7 +169,9 @@ def damage_run_files(tiny_run: Path, under: Path, paths: dict[str, Path]) -> Non
     snap = sorted((paths["badsnap"] / "checkpoints" / "snapshots").glob("ema_*.pt"))[0]  # not last.pt's step
     torch.save({"ema": [1, 2, 3], "step": torch.tensor(6)}, snap)
     paths["snapstep"] = Path(str(int(snap.stem.split("_")[1])))
-    for name, text in (("badinfo", "{garbage"), ("infotype", '{"finished": true, "settings": "x"}')):
+    travel = '{"finished": true, "settings": {}, "checkpoints": {"all": "../checkpoints/last.pt"}}'
+    for name, text in (("badinfo", "{garbage"), ("infotype", '{"finished": true, "settings": "x"}'),
+                       ("travinfo", travel)):
         (paths[name] / "postprocess").mkdir()
         (paths[name] / "postprocess" / "info.json").write_text(text)
     for name, text in (("deeprow", deep), ("notrow", '{"s": "x"}')):
@@ -313,6 +315,7 @@ BAD_INPUTS = [
     (["sweep", "run={badsnap}", "guidance=1", "checkpoint={snapstep}"], "'ema' is not a map of weight tensors"),
     (["sweep", "run={badinfo}", "guidance=1", "postprocess=flow"], "info.json is not readable JSON"),
     (["sweep", "run={infotype}", "guidance=1", "postprocess=flow"], "settings='x' is not what cfgx wrote"),
+    (["sweep", "run={travinfo}", "guidance=1", "postprocess=flow"], "'checkpoints' is not what cfgx wrote"),
     (["report", "{deeprow}"], "no sweep rows yet"),
     (["report", "{notrow}"], "no sweep rows yet"),
     (["report", "{good}", "out={weights}"], "is a file, not a folder"),

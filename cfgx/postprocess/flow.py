@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -229,7 +230,8 @@ class FlowPostprocessor:
         if info.get("finished") is not True:
             raise CfgxError(f"the postprocessor in {pdir} did not finish training; re-run 'cfgx postprocess "
                             f"run={run_dir}' to resume it")
-        if not isinstance(info.get("checkpoints"), dict):
+        names = info.get("checkpoints")  # joined onto pdir: cfgx's own names only, never a path out of it
+        if not isinstance(names, dict) or any(not re.fullmatch(r"flow(_s\w+)?\.pt", str(n)) for n in names.values()):
             raise CfgxError(f"{info_path}: 'checkpoints' is not what cfgx wrote there; delete {pdir} and re-run "
                             f"'cfgx postprocess run={run_dir}'")
         settings = dict(info["settings"])
