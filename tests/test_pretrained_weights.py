@@ -117,6 +117,20 @@ def test_crafted_pickle_is_refused_in_one_line_and_never_runs(tmp_path, how: str
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("hashed", [False, True])
+def test_broken_weights_files_are_one_line(tmp_path, hashed: bool) -> None:
+    """A safetensors file that is not one, a truncated torch file, a missing file: one line naming the file."""
+    from cfgx.pretrained.weights import read_hashed_state_dict
+
+    read = read_hashed_state_dict if hashed else read_state_dict
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04truncated")
+    for name in ("bad.safetensors", "cut.pt", "missing.pt"):
+        with pytest.raises(CfgxError) as e:
+            read(tmp_path / name)
+        assert "\n" not in str(e.value) and name in str(e.value)
+
+
 def test_sit_checkpoint_is_velocity_on_its_own_time(tmp_path) -> None:
     """SiT: DiT's keys, velocity u = x_data - noise of x' = t x_data + (1 - t) noise, called with t in [0, 1]."""
     from cfgx.diffusion.schedule import NoiseSchedule
